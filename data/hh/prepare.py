@@ -1,0 +1,129 @@
+"""
+Anthropic HH-RLHF -> canonical preference rows {"prompt", "chosen", "rejected"}, one JSON object per line.
+
+The split follows the DPO paper's code (extract_anthropic_prompt): the prompt is the text of `chosen` up to and
+including its last "\n\nAssistant:" (rfind, no trailing space), and each response is what follows the prompt, so it
+keeps its leading space (" I think..."), which GPT-2/Pythia BPE attaches to the next word. Unlike the DPO code we
+check the row instead of trusting it, and skip and count rows that
+  - have no "\n\nAssistant:" at all                       (no assistant turn)
+  - whose `rejected` does not start with that prompt      (prompt mismatch: the dialogues diverge in an earlier turn)
+  - whose chosen or rejected response is empty/whitespace (empty response)
+  - whose two responses are identical                     (identical responses: no preference signal)
+
+Usage (from the repo root):
+  python data/hh/prepare.py                               # HF Anthropic/hh-rlhf, default config (all four subsets)
+  python data/hh/prepare.py --data_dir=helpful-base       # one subset, passed through to load_dataset
+  python data/hh/prepare.py --raw=path/to/harmless-base   # local raw files: a directory, a glob, or several paths
+  python data/hh/prepare.py --raw a/train.jsonl.gz b/test.jsonl.gz --out_dir=/tmp/hh
+Local files are the raw *.jsonl.gz / *.jsonl of the anthropics/hh-rlhf repo; the split comes from the file name
+("train" or "test"). Writes data/hh/train.jsonl and data/hh/test.jsonl (or into --out_dir).
+
+Raw counts, HF default config: train 160,800 / test 8,552 (helpful-base alone: 43,835 / 2,354).
+Kept counts on the full data: not measured here (no network). On the first 300 rows of harmless-base test:
+  hh test: kept 299 of 300 rows (skipped: 1 empty response)
+"""
+import argparse
+import glob
+import gzip
+import json
+import os
+from collections import Counter
+
+SEARCH = "\n\nAssistant:"
+
+
+def hh_to_canonical(row):
+    """One raw HH row -> {"prompt", "chosen", "rejected"}, or a short skip reason so the caller can count it."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    idx = chosen.rfind(SEARCH)
+    if idx == -1:
+        return "no assistant turn"
+    prompt = chosen[: idx + len(SEARCH)]
+    if not rejected.startswith(prompt):
+        return "prompt mismatch"
+    chosen_resp, rejected_resp = chosen[len(prompt):], rejected[len(prompt):]
+    if not chosen_resp.strip() or not rejected_resp.strip():
+        return "empty response"
+    if chosen_resp == rejected_resp:
+        return "identical responses"
+    return {"prompt": prompt, "chosen": chosen_resp, "rejected": rejected_resp}
+
+
+def convert(rows):
+    """Raw rows -> (kept canonical rows, Counter of skip reasons); nothing is dropped without being counted."""
+    kept, skipped = [], Counter()
+    for row in rows:
+        out = hh_to_canonical(row)
+        if isinstance(out, str):
+            skipped[out] += 1
+        else:
+            kept.append(out)
+    return kept, skipped
+
+
+def summary(name, split, kept, skipped):
+    """The one line per split that says how many rows survived and why the others did not."""
+    total = len(kept) + sum(skipped.values())
+    why = ", ".join(f"{n:,} {reason}" for reason, n in skipped.most_common()) or "none"
+    return f"{name} {split}: kept {len(kept):,} of {total:,} rows (skipped: {why})"
+
+
+def expand(paths):
+    """--raw entries (files, directories, globs) -> list of raw files. Globs are expanded here because the shell
+    does not expand a pattern glued to '--raw='; a directory means its own *.jsonl and *.jsonl.gz files."""
+    files = []
+    for pattern in paths:
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise SystemExit(f"--raw: nothing matches {pattern}")
+        for path in matches:
+            if os.path.isdir(path):
+                files += sorted(glob.glob(os.path.join(path, "*.jsonl")) + glob.glob(os.path.join(path, "*.jsonl.gz")))
+            else:
+                files.append(path)
+    return files
+
+
+def split_of(path):
+    """The anthropics/hh-rlhf files are named train.jsonl.gz / test.jsonl.gz; refuse to guess for anything else."""
+    name = os.path.basename(path)
+    if ("train" in name) == ("test" in name):
+        raise SystemExit(f"cannot tell train from test in file name {name}")
+    return "train" if "train" in name else "test"
+
+
+def read_jsonl(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_splits(raw, data_dir):
+    """{split: raw rows} from local files, or from the HF hub when no --raw is given."""
+    if raw:
+        splits = {}
+        for path in expand(raw):
+            splits.setdefault(split_of(path), []).extend(read_jsonl(path))
+        return splits
+    from datasets import load_dataset
+    ds = load_dataset("Anthropic/hh-rlhf", data_dir=data_dir)
+    return {split: ds[split] for split in ("train", "test")}
+
+
+def write_jsonl(rows, path):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw", nargs="+", action="extend", help="local raw files, directories or globs")
+    parser.add_argument("--data_dir", default=None, help="HF subset, e.g. harmless-base (default: all four)")
+    parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    for split, rows in load_splits(args.raw, args.data_dir).items():
+        kept, skipped = convert(rows)
+        print(summary("hh", split, kept, skipped))
+        write_jsonl(kept, os.path.join(args.out_dir, f"{split}.jsonl"))

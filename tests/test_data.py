@@ -1,0 +1,380 @@
+"""Config parsing and the data path of train_tr.py: rendering rows, loading files, tokenizing, batching and the order
+of pairs. Expected values are written out by hand (the tiny tokenizer is only used as the ground truth for ids)."""
+import json
+
+import pytest
+import torch
+
+import train_tr
+from train_tr import (collate, get_config, load_pairs, make_batch, render_row, step_pair_indices,
+                      tokenize_pair)
+
+PAD, EOS = 1, 0  # data/tiny/base: <|pad|> = 1, <|endoftext|> = 0 (also BOS, which this tokenizer does not add)
+
+
+# -----------------------------------------------------------------------------
+# get_config
+def test_config_defaults_and_overrides():
+    # the defaults are the module's settings (their values are still being tuned, so they are not pinned here)
+    assert get_config([]) == {k: getattr(train_tr, k) for k in train_tr.CONFIG_KEYS}
+    cfg = get_config(['--beta=0.2', '--max_iters=7', '--loss=ipo', '--ipo_normalize=False',
+                      '--init_from=EleutherAI/pythia-2.8b'])
+    assert cfg['beta'] == 0.2 and cfg['max_iters'] == 7 and cfg['loss'] == 'ipo'
+    assert cfg['ipo_normalize'] is False
+    assert cfg['init_from'] == 'EleutherAI/pythia-2.8b'  # a bare string that is no Python literal
+
+
+def test_config_int_for_float_is_accepted():
+    cfg = get_config(['--beta=1', '--lr=0'])
+    assert cfg['beta'] == 1.0 and type(cfg['beta']) is float
+    assert cfg['lr'] == 0.0 and type(cfg['lr']) is float
+
+
+@pytest.mark.parametrize('arg', ['--max_iters=abc', '--max_iters=1.5', '--max_iters=True', '--ipo_normalize=1',
+                                 '--beta=True', '--out_dir=3'])
+def test_config_wrong_type_is_rejected(arg):
+    with pytest.raises(ValueError, match=arg[2:].split('=')[0]):
+        get_config([arg])
+
+
+def test_config_without_dashes():
+    cfg = get_config(['beta=0.3', 'tr_tau=4', 'ref_update=hard'])
+    assert (cfg['beta'], cfg['tr_tau'], cfg['ref_update']) == (0.3, 4, 'hard')
+
+
+def test_config_unknown_key_is_named():
+    with pytest.raises(ValueError, match="'bta'"):
+        get_config(['--bta=0.2'])
+
+
+def test_config_file_then_command_line(tmp_path):
+    path = tmp_path / 'my_config.py'
+    path.write_text("# a comment\nbeta = 0.2\nloss = 'kto'\n_helper = 3\nmax_iters = 2 * 5\n")
+    cfg = get_config([str(path)])
+    assert (cfg['beta'], cfg['loss'], cfg['max_iters']) == (0.2, 'kto', 10)
+    cfg = get_config([str(path), '--beta=0.05'])  # arguments apply in order: the later one wins
+    assert cfg['beta'] == 0.05 and cfg['loss'] == 'kto'
+    bad = tmp_path / 'bad.py'
+    bad.write_text('betta = 0.2\n')
+    with pytest.raises(ValueError, match="'betta'"):
+        get_config([str(bad)])
+
+
+@pytest.mark.parametrize('arg, word', [('--loss=simpo', 'loss'), ('--ref_update=sometimes', 'ref_update'),
+                                      ('--tr_alpha=1.5', 'tr_alpha'), ('--tr_tau=0', 'tr_tau'),
+                                      ('--beta=0', 'beta'), ('--label_smoothing=0.5', 'label_smoothing'),
+                                      ('--max_prompt_length=128', 'max_prompt_length')])
+def test_config_bad_values_raise(arg, word):
+    with pytest.raises(ValueError, match=word):
+        get_config([arg])
+
+
+# -----------------------------------------------------------------------------
+# render_row
+def test_render_text_row(tokenizer):
+    row = {'prompt': '\n\nHuman: Hi\n\nAssistant:', 'chosen': ' Hello', 'rejected': ' Go away', 'extra': 1}
+    assert render_row(row, tokenizer) == ('\n\nHuman: Hi\n\nAssistant:', ' Hello', ' Go away')
+
+
+def test_render_message_row(tokenizer):
+    """The HH template renders a user turn as '\\n\\nHuman: ' + content and the generation prompt as
+    '\\n\\nAssistant:'; an assistant turn is '\\n\\nAssistant: ' + content, so what it adds after the prompt is
+    ' ' + content."""
+    row = {'prompt': [{'role': 'user', 'content': 'Hi'}],
+           'chosen': [{'role': 'assistant', 'content': 'Hello'}],
+           'rejected': [{'role': 'assistant', 'content': 'Go away'}]}
+    assert render_row(row, tokenizer) == ('\n\nHuman: Hi\n\nAssistant:', ' Hello', ' Go away')
+    # a message-list prompt with text responses
+    row = {'prompt': [{'role': 'system', 'content': 'Be nice.'}, {'role': 'user', 'content': 'Hi'}],
+           'chosen': ' Hello', 'rejected': ' Bye'}
+    assert render_row(row, tokenizer) == ('Be nice.\n\nHuman: Hi\n\nAssistant:', ' Hello', ' Bye')
+
+
+GOOD = {'prompt': 'P', 'chosen': ' a', 'rejected': ' b'}
+
+
+@pytest.mark.parametrize('row, reason', [
+    (None, 'not a JSON object'),
+    ([1, 2], 'not a JSON object'),
+    ('prompt', 'not a JSON object'),
+    ({'prompt': 'P', 'chosen': ' a'}, 'missing key'),
+    ({'chosen': ' a', 'rejected': ' b'}, 'missing key'),
+    ({**GOOD, 'chosen': None}, 'missing key'),
+    ({**GOOD, 'chosen': 5}, 'non-text field'),
+    ({**GOOD, 'prompt': 3.5}, 'non-text field'),
+    ({**GOOD, 'rejected': {'text': ' b'}}, 'non-text field'),
+    ({**GOOD, 'prompt': ['Hi', 'there']}, 'non-text field'),
+    ({**GOOD, 'chosen': [' a', ' b']}, 'non-text field'),
+    ({**GOOD, 'prompt': [{'role': 'user'}]}, 'non-text field'),
+    ({**GOOD, 'prompt': []}, 'non-text field'),
+    ({**GOOD, 'chosen': ''}, 'empty response'),
+    ({**GOOD, 'rejected': ' \n\t '}, 'empty response'),
+    ({**GOOD, 'rejected': ' a'}, 'identical responses'),
+])
+def test_render_bad_rows(tokenizer, row, reason):
+    assert render_row(row, tokenizer) == reason
+
+
+def test_render_identical_after_rendering(tokenizer):
+    """A message response 'Hello' renders as ' Hello', the same text as the other response."""
+    row = {'prompt': [{'role': 'user', 'content': 'Hi'}], 'chosen': [{'role': 'assistant', 'content': 'Hello'}],
+           'rejected': ' Hello'}
+    assert render_row(row, tokenizer) == 'identical responses'
+
+
+def test_render_without_rejected(tokenizer):
+    row = {'prompt': 'P', 'chosen': ' a'}
+    assert render_row(row, tokenizer, need_rejected=False) == ('P', ' a', None)
+    assert render_row({**row, 'rejected': 7}, tokenizer, need_rejected=False) == ('P', ' a', None)  # not read
+    assert render_row({'prompt': 'P'}, tokenizer, need_rejected=False) == 'missing key'
+    assert render_row({'prompt': 'P', 'chosen': ' '}, tokenizer, need_rejected=False) == 'empty response'
+
+
+# -----------------------------------------------------------------------------
+# load_pairs
+GOOD_ROWS = [{'prompt': 'Q1', 'chosen': ' yes', 'rejected': ' no'},
+             {'prompt': 'Q2', 'chosen': ' up', 'rejected': ' down'},
+             {'prompt': [{'role': 'user', 'content': 'Q3'}], 'chosen': [{'role': 'assistant', 'content': 'A'}],
+              'rejected': [{'role': 'assistant', 'content': 'B'}]}]
+GOOD_PAIRS = [('Q1', ' yes', ' no'), ('Q2', ' up', ' down'), ('\n\nHuman: Q3\n\nAssistant:', ' A', ' B')]
+
+
+def write_jsonl(path, lines):
+    path.write_text(''.join(line + '\n' for line in lines))
+    return path
+
+
+def test_load_pairs_mixed_jsonl(tmp_path, tokenizer, capsys):
+    lines = [json.dumps(GOOD_ROWS[0]),
+             '{"prompt": "Q", "chosen": " x"',                          # invalid JSON
+             json.dumps({'prompt': 'Q', 'chosen': ' x'}),              # missing key
+             json.dumps(GOOD_ROWS[1]),
+             '',                                                       # blank lines are not rows
+             json.dumps({'prompt': 'Q', 'chosen': ' x', 'rejected': ' x'}),  # identical
+             json.dumps([1, 2, 3]),                                    # not an object
+             json.dumps({'prompt': 'Q', 'chosen': 1, 'rejected': ' x'}),     # non-text
+             json.dumps(GOOD_ROWS[2])]
+    path = write_jsonl(tmp_path / 'mixed.jsonl', lines)
+    assert load_pairs(str(path), 'train', tokenizer) == GOOD_PAIRS
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    line = out[0]
+    assert line.startswith(f'{path}: 3 pairs')
+    assert 'skipped 5 rows' in line
+    for part in ('2 not a JSON object', '1 missing key', '1 identical responses', '1 non-text field'):
+        assert part in line
+    # quiet mode prints nothing
+    assert load_pairs(str(path), 'train', tokenizer, verbose=False) == GOOD_PAIRS
+    assert capsys.readouterr().out == ''
+
+
+def test_load_pairs_clean_file_prints_no_skips(tmp_path, tokenizer, capsys):
+    path = write_jsonl(tmp_path / 'clean.jsonl', [json.dumps(r) for r in GOOD_ROWS])
+    assert load_pairs(str(path), 'train', tokenizer) == GOOD_PAIRS
+    assert capsys.readouterr().out.strip() == f'{path}: 3 pairs'
+
+
+def test_load_pairs_only_bad_rows_exits(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / 'all_bad.jsonl', ['not json', json.dumps({'prompt': 'Q'}), '[]'])
+    with pytest.raises(SystemExit) as info:
+        load_pairs(str(path), 'train', tokenizer, verbose=False)
+    assert str(path) in str(info.value) and '3 rows' in str(info.value)
+
+
+def test_load_pairs_need_rejected_false(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / 'sft.jsonl', [json.dumps({'prompt': 'Q', 'chosen': ' A'})])
+    assert load_pairs(str(path), 'train', tokenizer, need_rejected=False, verbose=False) == [('Q', ' A', None)]
+    with pytest.raises(SystemExit):
+        load_pairs(str(path), 'train', tokenizer, need_rejected=True, verbose=False)
+
+
+def test_load_pairs_json_array(tmp_path, tokenizer):
+    path = tmp_path / 'rows.json'
+    path.write_text(json.dumps(GOOD_ROWS + [{'prompt': 'Q'}], indent=2))
+    assert load_pairs(str(path), 'train', tokenizer, verbose=False) == GOOD_PAIRS
+
+
+def test_load_pairs_parquet(tmp_path, tokenizer):
+    import datasets
+    rows = [r for r in GOOD_ROWS if isinstance(r['prompt'], str)] + [{'prompt': 'Q3', 'chosen': ' c', 'rejected': ' c'}]
+    path = tmp_path / 'rows.parquet'
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    assert load_pairs(str(path), 'train', tokenizer, verbose=False) == GOOD_PAIRS[:2]
+
+
+def test_load_pairs_folder_and_missing_split(tmp_path, tokenizer):
+    write_jsonl(tmp_path / 'train.jsonl', [json.dumps(r) for r in GOOD_ROWS])
+    (tmp_path / 'test.txt').write_text('not a data file')
+    assert load_pairs(str(tmp_path), 'train', tokenizer, verbose=False) == GOOD_PAIRS
+    assert load_pairs(str(tmp_path), 'test', tokenizer, verbose=False) is None
+    # a single file has no test split
+    assert load_pairs(str(tmp_path / 'train.jsonl'), 'test', tokenizer, verbose=False) is None
+    with pytest.raises(FileNotFoundError):
+        load_pairs(str(tmp_path / 'missing.jsonl'), 'train', tokenizer)
+
+
+# -----------------------------------------------------------------------------
+# tokenize_pair
+PROMPT = '\n\nHuman: Repeat the word sun five times.\n\nAssistant:'   # 15 tokens
+SHORT = ' sun sun sun sun sun'                                         # 5 tokens
+LONG = ' one two three four five six seven eight nine ten'            # 24 tokens
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_tokenizer_lengths(tokenizer):
+    """Preconditions of the hand-made lengths below; the tiny tokenizer adds no BOS."""
+    assert tokenizer(PROMPT).input_ids == ids(tokenizer, PROMPT)
+    assert (len(ids(tokenizer, PROMPT)), len(ids(tokenizer, SHORT)), len(ids(tokenizer, LONG))) == (15, 5, 24)
+    assert tokenizer.eos_token_id == EOS and tokenizer.pad_token_id == PAD
+
+
+def test_tokenize_short_pair_untouched(tokenizer):
+    """15 + (5 + EOS) = 21 ≤ max_length 21: nothing is cut, each response ends with EOS, once."""
+    prompt, chosen, rejected = tokenize_pair(tokenizer, PROMPT, SHORT, ' cat', max_length=21, max_prompt_length=8)
+    assert prompt == ids(tokenizer, PROMPT)
+    assert chosen == ids(tokenizer, SHORT) + [EOS] and rejected == ids(tokenizer, ' cat') + [EOS]
+    assert chosen.count(EOS) == 1 and rejected.count(EOS) == 1
+
+
+def test_tokenize_without_rejected(tokenizer):
+    out = tokenize_pair(tokenizer, PROMPT, SHORT, None, max_length=128, max_prompt_length=64)
+    assert len(out) == 2 and out[1] == ids(tokenizer, SHORT) + [EOS]
+
+
+def test_tokenize_long_pair_truncates_prompt_start_then_responses(tokenizer):
+    """15 + (24 + EOS) = 40 > 20: the prompt keeps its last 8 tokens, then each response is cut to 20 − 8 = 12:
+    the short one (6 with EOS) is whole, the long one loses its end and its EOS."""
+    prompt, chosen, rejected = tokenize_pair(tokenizer, PROMPT, SHORT, LONG, max_length=20, max_prompt_length=8)
+    assert prompt == ids(tokenizer, PROMPT)[7:]
+    assert len(prompt) == 8
+    assert chosen == ids(tokenizer, SHORT) + [EOS]
+    assert rejected == ids(tokenizer, LONG)[:12] and EOS not in rejected
+    assert len(prompt) + len(rejected) == 20
+
+
+def test_tokenize_one_token_over_triggers_truncation(tokenizer):
+    """15 + 6 = 21 > 20: the prompt is cut to its last 8 tokens although the chosen response alone would fit."""
+    prompt, chosen, rejected = tokenize_pair(tokenizer, PROMPT, SHORT, ' cat', max_length=20, max_prompt_length=8)
+    assert prompt == ids(tokenizer, PROMPT)[-8:]
+    assert chosen == ids(tokenizer, SHORT) + [EOS] and rejected == ids(tokenizer, ' cat') + [EOS]
+
+
+def test_tokenize_response_cut_when_prompt_already_short(tokenizer):
+    """Prompt ' cat' (1 token) + LONG (25 with EOS) = 26 > 10: the prompt is kept (1 ≤ 4), LONG is cut to 10 − 1 = 9."""
+    prompt, chosen, rejected = tokenize_pair(tokenizer, ' cat', LONG, SHORT, max_length=10, max_prompt_length=4)
+    assert prompt == ids(tokenizer, ' cat')
+    assert chosen == ids(tokenizer, LONG)[:9]
+    assert rejected == ids(tokenizer, SHORT) + [EOS]
+
+
+# -----------------------------------------------------------------------------
+# collate / make_batch
+def test_collate_hand_example():
+    input_ids, labels = collate([([5, 6], [7, 8, 9]), ([5], [10])], pad_id=PAD)
+    assert input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 10, 1, 1, 1]]
+    assert labels.tolist() == [[-100, -100, 7, 8, 9], [-100, 10, -100, -100, -100]]
+    assert input_ids.dtype == labels.dtype == torch.long
+
+
+PAIRS = [('\n\nHuman: Say box two times.\n\nAssistant:', ' box box', ' box box box box box'),
+         ('\n\nHuman: Hi\n\nAssistant:', ' Hello there, how can I help?', ' Go away.'),
+         ('\n\nHuman: What is 4 plus 1?\n\nAssistant:', ' 4 plus 1 is 5.', ' 6')]
+
+
+def expected_rows(tokenizer, pairs, which):
+    """(prompt ids, response ids with EOS) per pair, from the tokenizer directly (the pairs are all short)."""
+    return [(ids(tokenizer, p), ids(tokenizer, (c, r)[which]) + [EOS]) for p, c, r in pairs]
+
+
+def check_rows(input_ids, labels, rows):
+    assert input_ids.shape[0] == len(rows)
+    assert input_ids.shape[1] == max(len(p) + len(r) for p, r in rows)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        assert input_ids[i, :n].tolist() == p + r
+        assert (input_ids[i, n:] == PAD).all()
+        assert (labels[i, :len(p)] == -100).all()          # prompt
+        assert labels[i, len(p):n].tolist() == r            # response
+        assert (labels[i, n:] == -100).all()                # padding
+
+
+def test_make_batch_dpo_layout(tokenizer):
+    batch = make_batch(PAIRS, tokenizer, 'dpo', max_length=128, max_prompt_length=64)
+    chosen, rejected = expected_rows(tokenizer, PAIRS, 0), expected_rows(tokenizer, PAIRS, 1)
+    check_rows(batch['input_ids'], batch['labels'], chosen + rejected)  # [chosen rows; rejected rows]
+    assert batch['n_tokens'] == sum(len(p) + len(r) for p, r in chosen + rejected)
+    assert 'kl_input_ids' not in batch
+    # labels hold exactly the response tokens: their count is the responses' length
+    assert (batch['labels'] != -100).sum() == sum(len(r) for _, r in chosen + rejected)
+
+
+def test_make_batch_sft_has_chosen_only(tokenizer):
+    pairs = [(p, c, None) for p, c, _ in PAIRS]
+    batch = make_batch(pairs, tokenizer, 'sft', max_length=128, max_prompt_length=64)
+    check_rows(batch['input_ids'], batch['labels'], expected_rows(tokenizer, PAIRS, 0))
+    # with rejected texts present, sft still ignores them
+    batch = make_batch(PAIRS, tokenizer, 'sft', max_length=128, max_prompt_length=64)
+    check_rows(batch['input_ids'], batch['labels'], expected_rows(tokenizer, PAIRS, 0))
+
+
+def test_make_batch_kto_mismatched_pairs(tokenizer):
+    """Row i of the KL batch: prompt i with the chosen response of pair (i+1) % 3, i.e. pairs (0,1), (1,2), (2,0)."""
+    batch = make_batch(PAIRS, tokenizer, 'kto', max_length=128, max_prompt_length=64)
+    chosen, rejected = expected_rows(tokenizer, PAIRS, 0), expected_rows(tokenizer, PAIRS, 1)
+    check_rows(batch['input_ids'], batch['labels'], chosen + rejected)
+    mismatched = [(chosen[0][0], chosen[1][1]), (chosen[1][0], chosen[2][1]), (chosen[2][0], chosen[0][1])]
+    check_rows(batch['kl_input_ids'], batch['kl_labels'], mismatched)
+
+
+def test_make_batch_truncates(tokenizer):
+    """PROMPT (15) + LONG (25) > 20: prompt → last 8 tokens, responses → at most 12; every row is 20 or shorter."""
+    batch = make_batch([(PROMPT, SHORT, LONG)], tokenizer, 'dpo', max_length=20, max_prompt_length=8)
+    prompt = ids(tokenizer, PROMPT)[-8:]
+    check_rows(batch['input_ids'], batch['labels'],
+               [(prompt, ids(tokenizer, SHORT) + [EOS]), (prompt, ids(tokenizer, LONG)[:12])])
+    assert batch['input_ids'].shape == (2, 20)
+
+
+# -----------------------------------------------------------------------------
+# step_pair_indices
+def test_step_indices_deterministic_and_in_range():
+    a = [step_pair_indices(20, it, 4, seed=3) for it in range(12)]
+    b = [step_pair_indices(20, it, 4, seed=3) for it in range(12)]
+    assert a == b
+    assert all(len(s) == 4 and all(0 <= i < 20 for i in s) for s in a)
+
+
+def test_step_indices_one_epoch_is_a_permutation():
+    """n = 20, batch 4: steps 0-4 are epoch 0; consecutive steps share no index and together cover 0..19 once."""
+    steps = [step_pair_indices(20, it, 4, seed=3) for it in range(5)]
+    for s, s_next in zip(steps, steps[1:]):
+        assert not set(s) & set(s_next)
+    flat = [i for s in steps for i in s]
+    assert sorted(flat) == list(range(20))
+    # the next epoch is again a permutation, in a different order
+    epoch1 = [i for it in range(5, 10) for i in step_pair_indices(20, it, 4, seed=3)]
+    assert sorted(epoch1) == list(range(20)) and epoch1 != flat
+
+
+def test_step_indices_cross_epoch_boundary():
+    """n = 10, batch 4: step 2 covers stream positions 8..11 = the last 2 of epoch 0, then the first 2 of epoch 1;
+    step 3 continues with positions 12..15 = epoch 1 entries 2..5."""
+    epoch0 = [i for it in (0, 1) for i in step_pair_indices(10, it, 4, seed=5)]   # positions 0..7
+    step2 = step_pair_indices(10, 2, 4, seed=5)
+    step3 = step_pair_indices(10, 3, 4, seed=5)
+    step4 = step_pair_indices(10, 4, 4, seed=5)                                    # positions 16..19
+    assert sorted(epoch0 + step2[:2]) == list(range(10))                          # epoch 0 complete
+    epoch1 = step2[2:] + step3 + step4                                            # epoch 1 positions 0..9
+    assert sorted(epoch1) == list(range(10))
+    # a batch larger than the data set spans several epochs, each a permutation
+    big = step_pair_indices(3, 0, 7, seed=5)
+    assert len(big) == 7 and sorted(big[:3]) == sorted(big[3:6]) == [0, 1, 2]
+
+
+def test_step_indices_depend_on_seed():
+    a = [i for it in range(5) for i in step_pair_indices(20, it, 4, seed=1)]
+    b = [i for it in range(5) for i in step_pair_indices(20, it, 4, seed=2)]
+    assert a != b and sorted(a) == sorted(b) == list(range(20))

@@ -1,0 +1,173 @@
+"""End-to-end runs of train_tr.py in subprocesses (1 process, and 2 processes under torchrun with gloo), on the tiny
+model and data that data/tiny ships. Invariants from the papers' math, plus distributed agreement and exact resume."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ['--batch_size=4', '--max_iters=4', '--log_interval=1', '--eval_interval=1000', '--eval_pairs=8']
+
+
+def run(out_dir, *args, nproc=1, check=True):
+    """Runs train_tr.py and returns (completed process, metrics.jsonl records without the eval lines)."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                    f'--nproc_per_node={nproc}']
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    proc = subprocess.run(launcher + ['train_tr.py', f'--out_dir={out_dir}', *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = Path(out_dir) / 'metrics.jsonl'
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return proc, [r for r in records if 'loss' in r]
+
+
+def final_state(out_dir):
+    return torch.load(Path(out_dir) / 'state.pt', map_location='cpu', weights_only=True)
+
+
+def assert_same_weights(a, b, atol=0.0):
+    # A tied lm_head may appear under its own name or only as the embedding, depending on the FSDP state.
+    assert set(a) ^ set(b) <= {'lm_head.weight'}
+    for k in set(a) & set(b):
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def test_dpo_starts_at_ln2_and_learns(tmp_path):
+    _, records = run(tmp_path, *SMALL, '--max_iters=12', '--ref_update=none')
+    first = records[0]
+    assert first['loss'] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
+    assert first['rewards/chosen'] == 0 and first['rewards/margins'] == 0
+    assert sum(r['rewards/margins'] for r in records[-4:]) > 0  # the policy moved toward the chosen responses
+    for key in ('rewards/rejected', 'rewards/accuracies', 'logps/chosen', 'logps/rejected', 'lr', 'grad_norm',
+                'tokens_per_sec', 'peak_mem_gb', 'ref_updates'):
+        assert key in first
+
+
+def test_hard_update_every_step_keeps_dpo_at_ln2(tmp_path):
+    _, records = run(tmp_path, *SMALL, '--ref_update=hard', '--tr_tau=1', '--lr=1e-2')
+    assert [r['ref_updates'] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert r['loss'] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[0]['logps/chosen'] != records[-1]['logps/chosen']  # yet the policy changes
+
+
+def test_ipo_and_kto_first_step_values(tmp_path):
+    _, records = run(tmp_path / 'ipo', *SMALL, '--max_iters=1', '--loss=ipo', '--beta=0.2')
+    assert records[0]['loss'] == pytest.approx(1 / (4 * 0.2 ** 2), rel=1e-6)  # (0 - 1/(2β))²
+    _, records = run(tmp_path / 'kto', *SMALL, '--max_iters=1', '--loss=kto', '--kto_undesirable_weight=1.5')
+    assert records[0]['loss'] == pytest.approx((1.0 + 1.5) / 4, rel=1e-6)  # z = 0, σ(0) = 1/2 on both sides
+    assert records[0]['kl'] == 0
+
+
+def test_soft_with_alpha_zero_matches_no_update(tmp_path):
+    _, soft = run(tmp_path / 'soft', *SMALL, '--ref_update=soft', '--tr_alpha=0.0', '--tr_tau=1')
+    _, none = run(tmp_path / 'none', *SMALL, '--ref_update=none')
+    assert [{k: v for k, v in r.items() if k not in ('tokens_per_sec', 'peak_mem_gb', 'ref_updates')} for r in soft] \
+        == [{k: v for k, v in r.items() if k not in ('tokens_per_sec', 'peak_mem_gb', 'ref_updates')} for r in none]
+    assert_same_weights(final_state(tmp_path / 'soft')['ref'], final_state(tmp_path / 'none')['ref'])
+
+
+@pytest.mark.parametrize('tau', [1, 3])
+def test_soft_update_moves_reference_by_the_formula(tmp_path, tau):
+    """The saved reference after τ steps equals α·policy + (1−α)·initial (one update, τ = 1 and τ = 3)."""
+    _, records = run(tmp_path, *SMALL, f'--max_iters={tau}', '--tr_alpha=0.25', f'--tr_tau={tau}')
+    assert records[-1]['ref_updates'] == 1
+    state = final_state(tmp_path)
+    from safetensors.torch import load_file
+    initial = load_file(REPO / 'data/tiny/sft/model.safetensors')
+    expected = {k: 0.25 * state['policy'][k] + 0.75 * initial[k] for k in initial}
+    assert_same_weights({k: state['ref'][k] for k in initial}, expected, atol=1e-6)  # lerp rounds differently by 1 ulp
+
+
+def test_two_processes_match_one(tmp_path):
+    """The same global batch gives the same losses and weights with 1 process (2 micro-steps) and 2 processes."""
+    args = [*SMALL, '--max_iters=3', '--tr_tau=2']
+    _, one = run(tmp_path / 'one', *args, '--grad_accum=2')
+    _, two = run(tmp_path / 'two', *args, nproc=2)
+    for a, b in zip(one, two, strict=True):
+        for key in ('loss', 'rewards/margins', 'logps/chosen', 'grad_norm'):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    one_state, two_state = final_state(tmp_path / 'one'), final_state(tmp_path / 'two')
+    assert_same_weights(one_state['policy'], two_state['policy'], atol=1e-5)
+    assert_same_weights(one_state['ref'], two_state['ref'], atol=1e-5)
+
+
+def test_soft_update_on_fsdp_shards_equals_formula():
+    """2-process gloo: the communication-free update of local shards equals the formula on gathered parameters."""
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'tests/fsdp_update_check.py'], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result['world'] == 2 and result['sharded']
+    assert result['max_err_alpha_0.3'] < 1e-6 and result['changed_alpha_0.3']
+    assert result['max_err_alpha_1.0'] == 0.0
+
+
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_resume_continues_exactly(tmp_path, nproc):
+    """6 iterations in one go == 3 iterations, then resume=True for 3 more (weights, reference, optimizer, metrics)."""
+    _, straight = run(tmp_path / 'straight', *SMALL, '--max_iters=6', '--tr_tau=2', nproc=nproc)
+    run(tmp_path / 'split', *SMALL, '--max_iters=3', '--tr_tau=2', nproc=nproc)
+    _, resumed = run(tmp_path / 'split', *SMALL, '--max_iters=6', '--tr_tau=2', '--resume=True', nproc=nproc)
+    assert [r['loss'] for r in resumed] == [r['loss'] for r in straight]
+    a, b = final_state(tmp_path / 'straight'), final_state(tmp_path / 'split')
+    assert a['iter'] == b['iter'] == 6
+    assert_same_weights(a['policy'], b['policy'])
+    assert_same_weights(a['ref'], b['ref'])
+
+
+def test_checkpoint_loads_with_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    run(tmp_path, *SMALL)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.eos_token_id is not None
+    assert_same_weights({k: v for k, v in model.state_dict().items()}, final_state(tmp_path)['policy'])
+    assert not (tmp_path / '.tmp_checkpoint').exists()
+
+
+def test_sft_trains_without_reference(tmp_path):
+    _, records = run(tmp_path, *SMALL, '--loss=sft', '--max_iters=6', '--lr=1e-2', '--init_from=data/tiny/base')
+    assert records[-1]['loss'] < records[0]['loss']
+    assert 'rewards/chosen' not in records[0]
+    assert final_state(tmp_path)['ref'] is None
+
+
+def test_bad_data_and_bad_config_fail_clearly(tmp_path):
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_text('{"prompt": "x", "chosen": "", "rejected": "b"}\n{"prompt": 1, "chosen": "a", "rejected": "b"}\n'
+                   'not json\n')
+    proc, _ = run(tmp_path / 'o1', f'--data={bad}', check=False)
+    assert proc.returncode != 0 and str(bad) in proc.stderr and 'no usable preference rows' in proc.stderr
+    proc, _ = run(tmp_path / 'o2', '--no_such_key=1', check=False)
+    assert proc.returncode != 0 and "unknown config key 'no_such_key'" in proc.stderr
+    proc, _ = run(tmp_path / 'o3', '--batch_size=3', nproc=2, check=False)
+    assert proc.returncode != 0 and 'must be a multiple of' in (proc.stdout + proc.stderr)
+
+
+def test_some_bad_rows_are_skipped_and_counted(tmp_path):
+    rows = [json.loads(line) for line in (REPO / 'data/tiny/train.jsonl').read_text().splitlines()[:8]]
+    rows += [{'prompt': 'p', 'chosen': 'same', 'rejected': 'same'}, {'chosen': 'a', 'rejected': 'b'}]
+    data = tmp_path / 'mixed.jsonl'
+    data.write_text('\n'.join(map(json.dumps, rows)) + '\n{broken\n')
+    proc, records = run(tmp_path / 'out', *SMALL, '--max_iters=2', f'--data={data}')
+    assert f'{data}: 8 pairs (skipped 3 rows: 1 identical responses, 1 missing key, 1 not a JSON object)' in proc.stdout
+    assert len(records) == 2
+
+
+@pytest.mark.slow
+def test_default_run(tmp_path):
+    """`python train_tr.py` with no arguments: TR-DPO on data/tiny from the shipped SFT model."""
+    proc, records = run(tmp_path)
+    evals = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines() if 'eval/loss' in line]
+    assert records[-1]['iter'] == 100 and records[-1]['ref_updates'] == 10
+    assert evals[-1]['eval/rewards/accuracies'] > 0.6
+    assert (tmp_path / 'model.safetensors').exists()

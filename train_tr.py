@@ -1,0 +1,638 @@
+"""
+nanoTR: offline preference alignment with a learned reference model, in one file.
+
+For a prompt x and response y, logπ(y) is the sum of the response tokens' log-probabilities, and
+    ρ(y) = logπ_θ(y) − logπ_ref(y)          (implicit log-ratio; β·ρ is the implicit reward, logged as rewards/*)
+For a preference pair (y_w ≻ y_l) the losses are
+    sft  −logπ_θ(y_w), averaged over the response tokens of the global batch
+    dpo  −(1−ε)·log σ(β(ρ_w−ρ_l)) − ε·log σ(−β(ρ_w−ρ_l))      DPO, Rafailov et al. 2023 eq. 7; ε = label_smoothing (cDPO)
+    ipo  (h − 1/(2β))²,  h = ρ_w/|y_w| − ρ_l/|y_l|             IPO, Azar et al. 2023 eq. 17; per-token averaged log-ratios
+                                                             as in TRL (ipo_normalize=False: summed, the paper's form)
+    kto  [λ_D·(1−σ(β(ρ_w−z))) + λ_U·(1−σ(β(z−ρ_l)))] / 2       KTO, Ethayarajh et al. 2024 eq. 8; chosen = desirable,
+         z = max(0, mean ρ(y'|x) over mismatched pairs)       rejected = undesirable; z detached, averaged over ranks
+Trust region (TR-DPO / TR-IPO / TR-KTO; Gorbatovski, Shaposhnikov et al., ICLR 2025, §3): the loss is unchanged, only
+π_ref moves. After optimizer step k, when k % τ == 0:
+    soft   θ_ref ← α·θ + (1−α)·θ_ref        (ref_update=soft, tr_alpha=α, tr_tau=τ; τ=1 mixes every step)
+    hard   θ_ref ← θ                        (ref_update=hard, tr_tau=τ)
+With α=0 or ref_update=none this is plain DPO/IPO/KTO against the fixed initial (SFT) model.
+
+Run:
+    python train_tr.py                                   # TR-DPO on the tiny data in data/tiny, CPU, ~1 minute
+    python train_tr.py --loss=ipo --ref_update=hard --tr_tau=16
+    torchrun --standalone --nproc_per_node=8 train_tr.py config.py --data=data/hh --init_from=EleutherAI/pythia-2.8b
+Every setting below can be overridden with --key=value, or by a Python config file of `key = value` lines.
+"""
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from ast import literal_eval
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# config: defaults run TR-DPO on the tiny data that data/ ships; the README gives the paper-scale values
+# I/O
+out_dir = 'out'
+init_from = 'data/tiny/sft'     # policy: HF hub name or local HF directory (usually the SFT model)
+ref_from = ''                   # reference at step 0: '' = same weights as init_from
+resume = False                  # continue the run saved in out_dir (weights, reference, optimizer, data position)
+eval_interval = 25              # evaluate and save a checkpoint every this many iterations (and at the end)
+eval_pairs = 200                # at most this many held-out pairs per evaluation
+log_interval = 5                # write a metrics.jsonl line every this many iterations
+wandb_log = False               # also log to Weights & Biases (needs `pip install wandb`)
+wandb_project = 'nanotr'
+wandb_run_name = ''
+# data
+data = 'data/tiny'              # .jsonl/.json/.parquet file, a folder with train.* and test.*, or a HF dataset name
+max_length = 128                # prompt + response tokens
+max_prompt_length = 64          # the prompt keeps its last this many tokens when a pair is too long
+# loss
+loss = 'dpo'                    # sft | dpo | ipo | kto
+beta = 0.1                      # KL strength β (TR-DPO paper: 0.05 on HH and TL;DR)
+label_smoothing = 0.0           # dpo: assumed label-noise rate ε (cDPO); 0 = DPO
+ipo_normalize = True            # ipo: per-token averaged log-ratios (TRL); False = summed
+kto_desirable_weight = 1.0      # kto: λ_D
+kto_undesirable_weight = 1.0    # kto: λ_U
+# trust region
+ref_update = 'soft'             # none | soft | hard
+tr_alpha = 0.6                  # soft: weight of the policy in the mix (paper: 0.5-0.6)
+tr_tau = 10                     # update every this many optimizer steps (paper hard update: 256-512)
+# optimization
+batch_size = 16                 # preference pairs per optimizer step, over all processes
+grad_accum = 1                  # micro-steps per optimizer step (each process takes batch_size/world/grad_accum pairs)
+lr = 5e-4                       # AdamW peak learning rate (paper: 1e-6 for Pythia 2.8B)
+weight_decay = 0.0
+warmup_iters = 5                # linear warm-up, then constant (as in the DPO repository)
+max_iters = 100                 # optimizer steps
+grad_clip = 2.0                 # max gradient norm (paper: 2); 0 disables
+# system
+device = 'auto'                 # auto | cpu | cuda
+dtype = 'auto'                  # compute dtype: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
+grad_checkpoint = False         # activation checkpointing of each decoder layer
+peak_flops = 989e12             # per-device peak for MFU (H100 dense bf16)
+seed = 1337
+CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+LOSSES = ('sft', 'dpo', 'ipo', 'kto')
+REF_UPDATES = ('none', 'soft', 'hard')
+
+
+def parse_overrides(argv, defaults):
+    """defaults, then each argument in order: a Python file of `key = value` lines, or --key=value (the value is
+    a Python literal, or else a bare string). Unknown keys and values of another type than the default are errors."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if '=' in arg:
+            key, value = arg.removeprefix('--').split('=', 1)
+            try:
+                value = literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass  # a bare string such as --init_from=EleutherAI/pythia-2.8b
+            overrides = {key: value}
+        else:
+            overrides = {}
+            exec(Path(arg).read_text(), {}, overrides)
+            overrides = {k: v for k, v in overrides.items() if not k.startswith('_')}
+        for key, value in overrides.items():
+            if key not in cfg:
+                raise ValueError(f'unknown config key {key!r} (from {arg!r}); known keys: {", ".join(cfg)}')
+            default = cfg[key]
+            if isinstance(default, float) and type(value) is int:
+                value = float(value)
+            if type(value) is not type(default):
+                raise ValueError(f'{key} must be {type(default).__name__}, got {value!r}')
+            cfg[key] = value
+    return cfg
+
+
+def get_config(argv):
+    """The training config: the module-level defaults above with argv applied, checked."""
+    cfg = parse_overrides(argv, {k: globals()[k] for k in CONFIG_KEYS})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Fail before any model is loaded on settings that cannot work."""
+    def need(ok, message):
+        if not ok:
+            raise ValueError(message)
+    need(cfg['loss'] in LOSSES, f"loss must be one of {LOSSES}, got {cfg['loss']!r}")
+    need(cfg['ref_update'] in REF_UPDATES, f"ref_update must be one of {REF_UPDATES}, got {cfg['ref_update']!r}")
+    need(0.0 <= cfg['tr_alpha'] <= 1.0, 'tr_alpha must be in [0, 1]')
+    need(cfg['tr_tau'] >= 1, 'tr_tau must be >= 1')
+    need(cfg['beta'] > 0, 'beta must be > 0')
+    need(0.0 <= cfg['label_smoothing'] < 0.5, 'label_smoothing must be in [0, 0.5)')
+    need(0 < cfg['max_prompt_length'] < cfg['max_length'], 'need 0 < max_prompt_length < max_length')
+    need(cfg['batch_size'] >= 1 and cfg['grad_accum'] >= 1 and cfg['max_iters'] >= 1,
+         'batch_size, grad_accum and max_iters must be >= 1')
+    need(cfg['eval_interval'] >= 1 and cfg['log_interval'] >= 1, 'eval_interval and log_interval must be >= 1')
+    need(cfg['dtype'] in ('auto', 'float32', 'bfloat16'), 'dtype must be auto, float32 or bfloat16')
+
+
+# -----------------------------------------------------------------------------
+# setup: one process is a world of one, so the same FSDP code path runs with `python` and with `torchrun`
+def setup_distributed(device_name):
+    """Returns (rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python gets a 1-rank group."""
+    if device_name == 'auto':
+        device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    device = torch.device(device_name)
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    backend = 'nccl' if device.type == 'cuda' else 'gloo'
+    if not dist.is_initialized():
+        if 'RANK' in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return rank, world, device
+
+
+# -----------------------------------------------------------------------------
+# data: canonical rows {"prompt", "chosen", "rejected"}; text or chat-message lists
+def read_rows(source, split):
+    """(rows, name) of one split; rows is None when the source has no such split. Unparseable lines become None rows."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(f for f in path.glob(f'{split}.*') if f.suffix in ('.jsonl', '.json', '.parquet'))
+        if not files:
+            return None, str(path / f'{split}.jsonl')
+        path = files[0]
+    elif path.suffix in ('.jsonl', '.json', '.parquet'):
+        if not path.is_file():
+            raise FileNotFoundError(f'data file not found: {path}')
+        if split != 'train':
+            return None, str(path)
+    else:  # a Hugging Face dataset name: its test split, or its validation split for evaluation
+        import datasets
+        splits = datasets.load_dataset(source)
+        names = [split] if split == 'train' else [split, 'validation']
+        name = next((n for n in names if n in splits), None)
+        return (None if name is None else splits[name].to_list()), f'{source}[{name or split}]'
+    if path.suffix == '.parquet':
+        import datasets
+        return datasets.Dataset.from_parquet(str(path)).to_list(), str(path)
+    text = path.read_text()
+    if path.suffix == '.json' and text.lstrip().startswith('['):
+        return json.loads(text), str(path)
+    rows = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                rows.append(None)
+    return rows, str(path)
+
+
+def is_messages(value):
+    return (isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str) for m in value))
+
+
+def render_response(tokenizer, prompt, prompt_text, response):
+    """A response as text. A message-list response is what the chat template adds after the prompt (TRL's rule)."""
+    if isinstance(response, str):
+        return response
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise ValueError('the chat template does not render prompt+response as an extension of the prompt')
+    return full[len(prompt_text):]
+
+
+def render_row(row, tokenizer, need_rejected=True):
+    """(prompt_text, chosen_text, rejected_text or None), or a short reason why the row is unusable."""
+    if not isinstance(row, dict):
+        return 'not a JSON object'
+    keys = ('prompt', 'chosen', 'rejected') if need_rejected else ('prompt', 'chosen')
+    if any(row.get(k) is None for k in keys):
+        return 'missing key'
+    prompt = row['prompt']
+    if not (isinstance(prompt, str) or is_messages(prompt)):
+        return 'non-text field'
+    responses = [row[k] for k in keys[1:]]
+    if not all(isinstance(r, str) or (is_messages(r) and isinstance(prompt, list)) for r in responses):
+        return 'non-text field'
+    if isinstance(prompt, list):
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    else:
+        prompt_text = prompt
+    texts = [render_response(tokenizer, prompt, prompt_text, r) for r in responses]
+    if not all(t.strip() for t in texts):
+        return 'empty response'
+    if len(texts) == 2 and texts[0] == texts[1]:
+        return 'identical responses'
+    return prompt_text, texts[0], texts[1] if len(texts) == 2 else None
+
+
+def load_pairs(source, split, tokenizer, need_rejected=True, verbose=True):
+    """Rendered (prompt, chosen, rejected) texts of a split, bad rows skipped and counted; None if there is no split."""
+    rows, name = read_rows(source, split)
+    if rows is None:
+        return None
+    pairs, skipped = [], {}
+    for row in rows:
+        result = render_row(row, tokenizer, need_rejected)
+        if isinstance(result, str):
+            skipped[result] = skipped.get(result, 0) + 1
+        else:
+            pairs.append(result)
+    if verbose:
+        why = ', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))
+        print(f'{name}: {len(pairs):,} pairs' + (f' (skipped {sum(skipped.values()):,} rows: {why})' if skipped else ''))
+    if not pairs:
+        raise SystemExit(f'error: no usable preference rows in {name} ({len(rows)} rows read; '
+                         'each needs "prompt", "chosen"' + (', "rejected"' if need_rejected else '') + ' as text)')
+    return pairs
+
+
+def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
+    """Token ids (prompt, chosen, rejected): EOS ends each response; a too-long pair first loses the prompt's start
+    (keeping its last max_prompt_length tokens), then the responses' ends (DPO repository rule)."""
+    prompt_ids = tokenizer(prompt).input_ids  # the tokenizer adds BOS where its model expects one
+    if len(prompt_ids) > 1 and prompt_ids[0] == prompt_ids[1] == tokenizer.bos_token_id:
+        prompt_ids = prompt_ids[1:]  # a chat template already wrote BOS into the text
+    responses = [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                 for r in (chosen, rejected) if r is not None]
+    if len(prompt_ids) + max(map(len, responses)) > max_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    responses = [r[:max_length - len(prompt_ids)] for r in responses]
+    return prompt_ids, *responses
+
+
+def collate(sequences, pad_id):
+    """Right-padded (input_ids, labels) from (prompt_ids, response_ids) pairs; labels are -100 on prompt and padding.
+    No attention mask: the models are causal, so right padding cannot change the real positions' log-probs."""
+    length = max(len(p) + len(r) for p, r in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), length), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(sequences):
+        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
+    return input_ids, labels
+
+
+def make_batch(pairs, tokenizer, loss_name, max_length, max_prompt_length):
+    """One micro-batch: sequences laid out [chosen; rejected] (sft: chosen only), plus for KTO each prompt paired
+    with the next pair's chosen response, the mismatched (x, y') pairs that estimate the KL baseline z."""
+    tokenized = [tokenize_pair(tokenizer, *pair, max_length, max_prompt_length) for pair in pairs]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sequences = [(t[0], t[1]) for t in tokenized] + [(t[0], t[2]) for t in tokenized if loss_name != 'sft']
+    batch = dict(zip(('input_ids', 'labels'), collate(sequences, pad_id)))
+    batch['n_tokens'] = sum(len(p) + len(r) for p, r in sequences)
+    if loss_name == 'kto':
+        mismatched = [(t[0], tokenized[(i + 1) % len(tokenized)][1]) for i, t in enumerate(tokenized)]
+        mismatched = [(p[-max_prompt_length:] if len(p) + len(r) > max_length else p, r) for p, r in mismatched]
+        batch['kl_input_ids'], batch['kl_labels'] = collate([(p, r[:max_length - len(p)]) for p, r in mismatched], pad_id)
+    return batch
+
+
+@lru_cache(maxsize=2)
+def epoch_order(n_pairs, seed, epoch):
+    return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def step_pair_indices(n_pairs, it, batch_size, seed):
+    """Indices of the pairs of global step `it`: consecutive slices of a stream of seeded per-epoch permutations,
+    so the data position of a run is just its iteration number."""
+    indices, start = [], it * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), n_pairs)
+        indices += epoch_order(n_pairs, seed, epoch)[offset:offset + batch_size - len(indices)]
+    return indices
+
+
+# -----------------------------------------------------------------------------
+# models: policy and reference are the same architecture, sharded identically, both with fp32 master weights
+def load_model(name):
+    """An HF causal LM in float32 with dropout off (the loss compares policy and reference forwards exactly)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(name)
+    for key, value in config.to_dict().items():
+        if ('dropout' in key or 'pdrop' in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+
+
+def shard_model(model, mesh, mp_policy, reshard_root):
+    """FSDP2: each decoder layer (the classes named in model._no_split_modules), then the root."""
+    block_names = set(model._no_split_modules or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f'no decoder layers found in {type(model).__name__} (looked for {block_names})')
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_root)
+    return model
+
+
+def token_logps(logits, labels):
+    return logits.float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+def sequence_logps(model, input_ids, labels):
+    """Summed response log-probs and response token counts of each row (labels -100 are not counted)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+    labels = labels[:, 1:]
+    mask = labels != -100
+    # One row at a time and recomputed in backward: a single [T, V] float32 log-softmax is alive at once,
+    # never the [2B, T, V] one (and its autograd copy) of a batched log_softmax.
+    logps = torch.stack([checkpoint(token_logps, row, lab, use_reentrant=False)
+                         for row, lab in zip(logits, labels.clamp(min=0))])
+    return (logps * mask).sum(-1), mask.sum(-1)
+
+
+# -----------------------------------------------------------------------------
+# losses
+def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss='dpo', beta=0.1,
+                    label_smoothing=0.0, chosen_tokens=None, rejected_tokens=None, ipo_normalize=True,
+                    kto_z=None, kto_desirable_weight=1.0, kto_undesirable_weight=1.0):
+    """Per-pair losses from summed sequence log-probs (equations in the module docstring)."""
+    rho_chosen, rho_rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if loss == 'dpo':
+        logits = beta * (rho_chosen - rho_rejected)
+        return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    if loss == 'ipo':
+        if ipo_normalize:
+            rho_chosen, rho_rejected = rho_chosen / chosen_tokens, rho_rejected / rejected_tokens
+        return (rho_chosen - rho_rejected - 1 / (2 * beta)) ** 2
+    if loss == 'kto':
+        desirable = kto_desirable_weight * (1 - torch.sigmoid(beta * (rho_chosen - kto_z)))
+        undesirable = kto_undesirable_weight * (1 - torch.sigmoid(beta * (kto_z - rho_rejected)))
+        return (desirable + undesirable) / 2
+    raise ValueError(f'unknown preference loss {loss!r}')
+
+
+def kto_kl_baseline(policy, ref, batch):
+    """KTO's z: mean log-ratio of mismatched (x, y') pairs, averaged over ranks, clamped at 0; no gradient."""
+    with torch.no_grad():
+        z = (sequence_logps(policy, batch['kl_input_ids'], batch['kl_labels'])[0]
+             - sequence_logps(ref, batch['kl_input_ids'], batch['kl_labels'])[0]).mean()
+    dist.all_reduce(z, op=dist.ReduceOp.AVG)
+    return z.clamp(min=0)
+
+
+def loss_denominator(batch, loss_name):
+    """What the loss of a batch averages over: response tokens for sft, pairs otherwise."""
+    if loss_name == 'sft':
+        return (batch['labels'][:, 1:] != -100).sum().float()
+    return torch.tensor(len(batch['input_ids']) / 2)
+
+
+def batch_loss(policy, ref, batch, cfg):
+    """(Σ of per-pair losses, or Σ token NLL for sft; dict of per-pair metric values) for one micro-batch."""
+    policy_logps, n_tokens = sequence_logps(policy, batch['input_ids'], batch['labels'])
+    if cfg['loss'] == 'sft':
+        return -policy_logps.sum(), {'logps/chosen': policy_logps.detach()}
+    with torch.no_grad():
+        ref_logps = sequence_logps(ref, batch['input_ids'], batch['labels'])[0]
+    n = len(policy_logps) // 2
+    kto_z = kto_kl_baseline(policy, ref, batch) if cfg['loss'] == 'kto' else None
+    losses = preference_loss(policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], cfg['loss'],
+                             cfg['beta'], cfg['label_smoothing'], n_tokens[:n], n_tokens[n:], cfg['ipo_normalize'],
+                             kto_z, cfg['kto_desirable_weight'], cfg['kto_undesirable_weight'])
+    rewards = cfg['beta'] * (policy_logps - ref_logps).detach()
+    metrics = {'rewards/chosen': rewards[:n], 'rewards/rejected': rewards[n:],
+               'rewards/accuracies': (rewards[:n] > rewards[n:]).float(), 'rewards/margins': rewards[:n] - rewards[n:],
+               'logps/chosen': policy_logps[:n].detach(), 'logps/rejected': policy_logps[n:].detach()}
+    if kto_z is not None:
+        metrics['kl'] = kto_z.expand(n)
+    return losses.sum(), metrics
+
+
+def all_reduce_sums(sums):
+    """Sums a dict of scalar tensors over ranks with one collective; returns floats."""
+    values = torch.stack([sums[k].float() for k in sums])
+    dist.all_reduce(values)
+    return dict(zip(sums, values.tolist()))
+
+
+# -----------------------------------------------------------------------------
+# reference update: identical sharding means each rank mixes its own shards, with no communication
+def fsdp_modules(model):
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def local_tensors(model):
+    return [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+
+
+@torch.no_grad()
+def update_reference(policy, ref, alpha):
+    """θ_ref ← α·θ + (1−α)·θ_ref (α = 1: θ_ref ← θ), in fp32 on the local shards of both models."""
+    for module in fsdp_modules(policy) + fsdp_modules(ref):
+        module.reshard()  # the mix must land in the sharded storage, not in a gathered copy
+    ref_params, policy_params = local_tensors(ref), local_tensors(policy)
+    if alpha == 1.0:
+        torch._foreach_copy_(ref_params, policy_params)
+    else:
+        torch._foreach_lerp_(ref_params, policy_params, alpha)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: out_dir holds an HF model (from_pretrained loads it) plus state.pt, everything resume needs
+def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master):
+    """Every rank gathers full state dicts; rank 0 writes them to a temporary folder, then moves each file into
+    out_dir with an atomic os.replace, state.pt last. A kill at any point leaves every file whole: the HF model and
+    state.pt are each either the old or the new version, and state.pt alone is what resume reads."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {'policy': get_model_state_dict(policy, options=options),
+             'ref': get_model_state_dict(ref, options=options) if ref is not None else None,
+             'optimizer': get_optimizer_state_dict(policy, optimizer, options=options),
+             'iter': it, 'config': cfg, 'rng': torch.get_rng_state()}
+    if master:
+        out_dir = Path(out_dir)
+        tmp = out_dir / '.tmp_checkpoint'
+        shutil.rmtree(tmp, ignore_errors=True)
+        # one weights file (no shards), so that replacing it is a single atomic step
+        policy.save_pretrained(tmp, state_dict=state['policy'], max_shard_size='10000GB')
+        tokenizer.save_pretrained(tmp)
+        (tmp / 'nanotr_config.json').write_text(json.dumps(cfg, indent=2))
+        torch.save(state, tmp / 'state.pt')
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == 'state.pt'):
+            os.replace(f, out_dir / f.name)
+        tmp.rmdir()
+    dist.barrier()
+
+
+def load_checkpoint(out_dir, policy, ref, optimizer):
+    """Restores a save_checkpoint state on every rank and returns the iteration to continue from."""
+    path = Path(out_dir) / 'state.pt'
+    if not path.is_file():
+        raise SystemExit(f'error: resume=True but {path} does not exist')
+    state = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(policy, state['policy'], options=options)
+    if ref is not None:
+        set_model_state_dict(ref, state['ref'], options=options)
+    set_optimizer_state_dict(policy, optimizer, state['optimizer'], options=options)
+    torch.set_rng_state(state['rng'])
+    return state['iter']
+
+
+# -----------------------------------------------------------------------------
+# training loop
+def peak_memory_gb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def evaluate(policy, ref, pairs, tokenizer, cfg, rank, world, micro_size):
+    """Mean metrics over the first eval_pairs held-out pairs (a whole number of global micro-batches)."""
+    n = min(len(pairs), cfg['eval_pairs']) // (world * micro_size) * world * micro_size
+    if n == 0:
+        return {}
+    sums = {}
+    with torch.no_grad():
+        for start in range(rank * micro_size, n, world * micro_size):
+            batch = make_batch(pairs[start:start + micro_size], tokenizer, cfg['loss'], cfg['max_length'],
+                               cfg['max_prompt_length'])
+            loss_sum, metrics = batch_loss(policy, ref, batch, cfg)
+            metrics.update(loss=loss_sum, denominator=loss_denominator(batch, cfg['loss']))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.sum()
+    totals = all_reduce_sums(sums)
+    denominator = totals.pop('denominator')
+    return {f'eval/{k}': v / (denominator if k == 'loss' else n) for k, v in totals.items()}
+
+
+def train(cfg):
+    rank, world, device = setup_distributed(cfg['device'])
+    master = rank == 0
+    micro_size, rest = divmod(cfg['batch_size'], world * cfg['grad_accum'])
+    if rest or micro_size == 0:
+        raise SystemExit(f"error: batch_size={cfg['batch_size']} must be a multiple of "
+                         f"world_size*grad_accum={world * cfg['grad_accum']}")
+    if cfg['loss'] == 'kto' and micro_size < 2:
+        raise SystemExit('error: kto needs at least 2 pairs per micro-batch for its mismatched KL pairs')
+    if master:
+        print(json.dumps(cfg, indent=2))
+    torch.manual_seed(cfg['seed'])
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
+    need_rejected = cfg['loss'] != 'sft'
+    train_pairs = load_pairs(cfg['data'], 'train', tokenizer, need_rejected, verbose=master)
+    eval_pairs = load_pairs(cfg['data'], 'test', tokenizer, need_rejected, verbose=master)
+
+    # models: policy and reference with fp32 master weights. A bf16 reference would round small soft updates
+    # away (a change under half an ulp vanishes); fp32 costs 4 bytes per parameter per GPU, divided by the FSDP world.
+    compute_dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device.type == 'cuda' else 'float32')
+    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if compute_dtype == 'bfloat16' else MixedPrecisionPolicy()
+    mesh = dist.device_mesh.init_device_mesh(device.type, (world,))
+    policy = load_model(cfg['init_from'])
+    ref = None
+    if cfg['loss'] != 'sft':
+        ref = load_model(cfg['ref_from']) if cfg['ref_from'] else load_model(cfg['init_from'])
+        ref.requires_grad_(False).eval()
+        shard_model(ref, mesh, mp_policy, reshard_root=True)  # root gathered only during its forward
+    if cfg['grad_checkpoint']:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    shard_model(policy, mesh, mp_policy, reshard_root=None)
+    policy.train()
+    if ref is not None and [p.shape for p in policy.parameters()] != [p.shape for p in ref.parameters()]:
+        raise SystemExit('error: ref_from must have the same architecture as init_from (the update mixes them)')
+    n_params = sum(p.numel() for p in policy.parameters())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+
+    out_dir = Path(cfg['out_dir'])
+    start_iter = load_checkpoint(out_dir, policy, ref, optimizer) if cfg['resume'] else 0
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(out_dir / 'metrics.jsonl', 'a' if cfg['resume'] else 'w')
+        print(f'{n_params / 1e6:.2f}M parameters, world size {world}, {micro_size} pairs per micro-batch, '
+              f'compute dtype {compute_dtype}, device {device}')
+    wandb = None
+    if cfg['wandb_log'] and master:
+        import wandb
+        wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg)
+
+    def log(record):
+        if master:
+            metrics_file.write(json.dumps(record) + '\n')
+            metrics_file.flush()
+            if wandb is not None:
+                wandb.log(record, step=record['iter'])
+
+    def eval_and_save(it):
+        if eval_pairs is not None:
+            record = evaluate(policy, ref, eval_pairs, tokenizer, cfg, rank, world, micro_size)
+            log({'iter': it, **record})
+            if master:
+                tqdm.write(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()))
+        save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
+
+    ref_updates = start_iter // cfg['tr_tau'] if cfg['ref_update'] != 'none' and ref is not None else 0
+    bar = tqdm(range(start_iter, cfg['max_iters']), initial=start_iter, total=cfg['max_iters'], disable=not master,
+               dynamic_ncols=True)
+    for it in bar:
+        t0 = time.time()
+        lr = cfg['lr'] * min(1.0, (it + 1) / (cfg['warmup_iters'] + 1))
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        indices = step_pair_indices(len(train_pairs), it, cfg['batch_size'], cfg['seed'])[rank::world]
+        batches = [make_batch([train_pairs[i] for i in indices[m * micro_size:(m + 1) * micro_size]], tokenizer,
+                              cfg['loss'], cfg['max_length'], cfg['max_prompt_length'])
+                   for m in range(cfg['grad_accum'])]
+        # The objective is a mean over the global batch (of pairs, or of response tokens for sft). FSDP averages
+        # gradients over ranks, so each rank scales its sum by world/denominator.
+        denominator = sum(loss_denominator(b, cfg['loss']) for b in batches)
+        dist.all_reduce(denominator)
+        sums = {}
+        for m, batch in enumerate(batches):
+            policy.set_requires_gradient_sync(m == len(batches) - 1)  # reduce gradients once, after the last micro-step
+            loss_sum, metrics = batch_loss(policy, ref, batch, cfg)
+            (loss_sum * world / denominator).backward()
+            metrics = {'loss': loss_sum.detach() / denominator, 'tokens': torch.tensor(batch['n_tokens']),
+                       **{k: v.sum() / cfg['batch_size'] for k, v in metrics.items()}}
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg['grad_clip'] or float('inf'))
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step = it + 1
+        if ref is not None and cfg['ref_update'] != 'none' and step % cfg['tr_tau'] == 0:
+            update_reference(policy, ref, 1.0 if cfg['ref_update'] == 'hard' else cfg['tr_alpha'])
+            ref_updates += 1
+        if step % cfg['log_interval'] == 0 or step == cfg['max_iters']:
+            record = {'iter': step, **all_reduce_sums(sums)}
+            dt = time.time() - t0
+            tokens = record.pop('tokens')
+            record.update(lr=lr, grad_norm=grad_norm.item(), tokens_per_sec=tokens / dt,
+                          peak_mem_gb=peak_memory_gb(device), ref_updates=ref_updates)
+            if device.type == 'cuda':  # policy forward+backward 6N, reference forward 2N FLOPs per token
+                record['mfu'] = (6 + 2 * (ref is not None)) * n_params * tokens / dt / (world * cfg['peak_flops'])
+            log(record)
+            bar.set_postfix({k.split('/')[-1]: f'{record[k]:.3f}' for k in ('loss', 'rewards/accuracies',
+                                                                           'rewards/margins') if k in record})
+        if step % cfg['eval_interval'] == 0 or step == cfg['max_iters']:
+            eval_and_save(step)
+    if master:
+        metrics_file.close()
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    train(get_config(sys.argv[1:]))
