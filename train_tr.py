@@ -22,9 +22,7 @@ Run:
     torchrun --standalone --nproc_per_node=8 train_tr.py config.py --data=data/hh --init_from=EleutherAI/pythia-2.8b
 Every setting below can be overridden with --key=value, or by a Python config file of `key = value` lines.
 """
-import contextlib
 import json
-import math
 import os
 import resource
 import shutil
@@ -98,15 +96,17 @@ def parse_overrides(argv, defaults):
     for arg in argv:
         if '=' in arg:
             key, value = arg.removeprefix('--').split('=', 1)
-            try:
-                value = literal_eval(value)
-            except (ValueError, SyntaxError):
-                pass  # a bare string such as --init_from=EleutherAI/pythia-2.8b
+            if not isinstance(cfg.get(key), str):  # string settings take the text as is (--wandb_run_name=2024)
+                try:
+                    value = literal_eval(value)
+                except (ValueError, SyntaxError):
+                    pass  # left as a string, for the type check below
             overrides = {key: value}
-        else:
-            overrides = {}
-            exec(Path(arg).read_text(), {}, overrides)
-            overrides = {k: v for k, v in overrides.items() if not k.startswith('_')}
+        else:  # a config file may import and compute; its plain-data names are the overrides
+            namespace = {}
+            exec(Path(arg).read_text(), namespace)
+            overrides = {k: v for k, v in namespace.items()
+                         if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
         for key, value in overrides.items():
             if key not in cfg:
                 raise ValueError(f'unknown config key {key!r} (from {arg!r}); known keys: {", ".join(cfg)}')
@@ -146,12 +146,14 @@ def check_config(cfg):
 
 # -----------------------------------------------------------------------------
 # setup: one process is a world of one, so the same FSDP code path runs with `python` and with `torchrun`
+def resolve_device(name):
+    return torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name)
+
+
 def setup_distributed(device_name):
     """Returns (rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python gets a 1-rank group."""
-    if device_name == 'auto':
-        device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    device = torch.device(device_name)
+    device = resolve_device(device_name)
     if device.type == 'cuda':
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
@@ -190,7 +192,10 @@ def read_rows(source, split):
         return datasets.Dataset.from_parquet(str(path)).to_list(), str(path)
     text = path.read_text()
     if path.suffix == '.json' and text.lstrip().startswith('['):
-        return json.loads(text), str(path)
+        try:
+            return json.loads(text), str(path)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f'error: {path} is not a valid JSON array: {e}')
     rows = []
     for line in text.splitlines():
         if line.strip():
@@ -233,7 +238,10 @@ def render_row(row, tokenizer, need_rejected=True):
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     else:
         prompt_text = prompt
-    texts = [render_response(tokenizer, prompt, prompt_text, r) for r in responses]
+    try:
+        texts = [render_response(tokenizer, prompt, prompt_text, r) for r in responses]
+    except ValueError:
+        return 'chat template mismatch'
     if not all(t.strip() for t in texts):
         return 'empty response'
     if len(texts) == 2 and texts[0] == texts[1]:
@@ -262,18 +270,30 @@ def load_pairs(source, split, tokenizer, need_rejected=True, verbose=True):
     return pairs
 
 
-def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
-    """Token ids (prompt, chosen, rejected): EOS ends each response; a too-long pair first loses the prompt's start
-    (keeping its last max_prompt_length tokens), then the responses' ends (DPO repository rule)."""
-    prompt_ids = tokenizer(prompt).input_ids  # the tokenizer adds BOS where its model expects one
+def tokenize_prompt(tokenizer, prompt):
+    """Prompt ids with BOS exactly where the model expects one: the tokenizer adds it for models that use it
+    (Llama) and not for others (Pythia); a chat template that already wrote it into the text is not doubled."""
+    prompt_ids = tokenizer(prompt).input_ids
     if len(prompt_ids) > 1 and prompt_ids[0] == prompt_ids[1] == tokenizer.bos_token_id:
-        prompt_ids = prompt_ids[1:]  # a chat template already wrote BOS into the text
+        prompt_ids = prompt_ids[1:]
+    return prompt_ids
+
+
+def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
+    """Token ids (prompt, chosen, rejected or nothing): EOS ends each response; too-long pairs are truncated."""
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
     responses = [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                  for r in (chosen, rejected) if r is not None]
+    prompt_ids, responses = truncate(prompt_ids, responses, max_length, max_prompt_length)
+    return prompt_ids, *responses
+
+
+def truncate(prompt_ids, responses, max_length, max_prompt_length):
+    """A too-long example first loses the prompt's start (keeping its last max_prompt_length tokens), then the
+    responses' ends (the DPO repository's rule: the end of a dialogue matters most, and every response keeps its start)."""
     if len(prompt_ids) + max(map(len, responses)) > max_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
-    responses = [r[:max_length - len(prompt_ids)] for r in responses]
-    return prompt_ids, *responses
+    return prompt_ids, [r[:max_length - len(prompt_ids)] for r in responses]
 
 
 def collate(sequences, pad_id):
@@ -297,9 +317,9 @@ def make_batch(pairs, tokenizer, loss_name, max_length, max_prompt_length):
     batch = dict(zip(('input_ids', 'labels'), collate(sequences, pad_id)))
     batch['n_tokens'] = sum(len(p) + len(r) for p, r in sequences)
     if loss_name == 'kto':
-        mismatched = [(t[0], tokenized[(i + 1) % len(tokenized)][1]) for i, t in enumerate(tokenized)]
-        mismatched = [(p[-max_prompt_length:] if len(p) + len(r) > max_length else p, r) for p, r in mismatched]
-        batch['kl_input_ids'], batch['kl_labels'] = collate([(p, r[:max_length - len(p)]) for p, r in mismatched], pad_id)
+        mismatched = [truncate(t[0], [tokenized[(i + 1) % len(tokenized)][1]], max_length, max_prompt_length)
+                      for i, t in enumerate(tokenized)]
+        batch['kl_input_ids'], batch['kl_labels'] = collate([(p, r) for p, (r,) in mismatched], pad_id)
     return batch
 
 
@@ -384,8 +404,8 @@ def kto_kl_baseline(policy, ref, batch):
     with torch.no_grad():
         z = (sequence_logps(policy, batch['kl_input_ids'], batch['kl_labels'])[0]
              - sequence_logps(ref, batch['kl_input_ids'], batch['kl_labels'])[0]).mean()
-    dist.all_reduce(z, op=dist.ReduceOp.AVG)
-    return z.clamp(min=0)
+    dist.all_reduce(z)  # SUM then divide: gloo in older torch has no AVG
+    return (z / dist.get_world_size()).clamp(min=0)
 
 
 def loss_denominator(batch, loss_name):

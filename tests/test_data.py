@@ -31,10 +31,15 @@ def test_config_int_for_float_is_accepted():
 
 
 @pytest.mark.parametrize('arg', ['--max_iters=abc', '--max_iters=1.5', '--max_iters=True', '--ipo_normalize=1',
-                                 '--beta=True', '--out_dir=3'])
+                                 '--beta=True', '--beta=fast'])
 def test_config_wrong_type_is_rejected(arg):
     with pytest.raises(ValueError, match=arg[2:].split('=')[0]):
         get_config([arg])
+
+
+def test_config_string_settings_keep_their_text():
+    cfg = get_config(['--out_dir=3', '--wandb_run_name=2024', "--data='quoted'"])
+    assert (cfg['out_dir'], cfg['wandb_run_name'], cfg['data']) == ('3', '2024', "'quoted'")
 
 
 def test_config_without_dashes():
@@ -54,6 +59,10 @@ def test_config_file_then_command_line(tmp_path):
     assert (cfg['beta'], cfg['loss'], cfg['max_iters']) == (0.2, 'kto', 10)
     cfg = get_config([str(path), '--beta=0.05'])  # arguments apply in order: the later one wins
     assert cfg['beta'] == 0.05 and cfg['loss'] == 'kto'
+    computed = tmp_path / 'computed.py'
+    computed.write_text('import math\nbeta = math.sqrt(0.01)\nlr = [b * 1e-3 for b in (beta,)][0]\n')
+    cfg = get_config([str(computed)])  # imports and comprehensions work; modules are not config keys
+    assert cfg['beta'] == pytest.approx(0.1) and cfg['lr'] == pytest.approx(1e-4)
     bad = tmp_path / 'bad.py'
     bad.write_text('betta = 0.2\n')
     with pytest.raises(ValueError, match="'betta'"):
@@ -192,6 +201,18 @@ def test_load_pairs_json_array(tmp_path, tokenizer):
     path = tmp_path / 'rows.json'
     path.write_text(json.dumps(GOOD_ROWS + [{'prompt': 'Q'}], indent=2))
     assert load_pairs(str(path), 'train', tokenizer, verbose=False) == GOOD_PAIRS
+    path.write_text(json.dumps(GOOD_ROWS)[:-5])  # a cut-off array is an error naming the file, not a traceback
+    with pytest.raises(SystemExit, match='rows.json is not a valid JSON array'):
+        load_pairs(str(path), 'train', tokenizer, verbose=False)
+
+
+def test_render_chat_template_mismatch_is_a_bad_row(tokenizer, monkeypatch):
+    row = {'prompt': [{'role': 'user', 'content': 'Hi'}], 'chosen': [{'role': 'assistant', 'content': 'A'}],
+           'rejected': [{'role': 'assistant', 'content': 'B'}]}
+    real = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, 'apply_chat_template', lambda messages, **kw: ('X' if len(messages) > 1 else '')
+                        + real(messages, **kw))  # a template whose full rendering does not extend the prompt
+    assert render_row(row, tokenizer) == 'chat template mismatch'
 
 
 def test_load_pairs_parquet(tmp_path, tokenizer):
@@ -378,3 +399,12 @@ def test_step_indices_depend_on_seed():
     a = [i for it in range(5) for i in step_pair_indices(20, it, 4, seed=1)]
     b = [i for it in range(5) for i in step_pair_indices(20, it, 4, seed=2)]
     assert a != b and sorted(a) == sorted(b) == list(range(20))
+
+
+def test_step_indices_are_slices_of_one_stream():
+    """The data position is the step number times the batch size: batches of 2, 4 and 6 over n = 10 read the same
+    stream of indices (epochs 0, 1, 2, ... one after the other), so their concatenations agree over 24 positions."""
+    streams = {b: [i for it in range(24 // b) for i in step_pair_indices(10, it, b, seed=9)] for b in (2, 3, 4, 6)}
+    assert streams[2] == streams[3] == streams[4] == streams[6]
+    stream = streams[2]
+    assert sorted(stream[:10]) == sorted(stream[10:20]) == list(range(10))
