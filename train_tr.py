@@ -5,11 +5,11 @@ For a prompt x and response y, logπ(y) is the sum of the response tokens' log-p
     ρ(y) = logπ_θ(y) − logπ_ref(y)          (implicit log-ratio; β·ρ is the implicit reward, logged as rewards/*)
 For a preference pair (y_w ≻ y_l) the losses are
     sft  −logπ_θ(y_w), averaged over the response tokens of the global batch
-    dpo  −(1−ε)·log σ(β(ρ_w−ρ_l)) − ε·log σ(−β(ρ_w−ρ_l))      DPO, Rafailov et al. 2023 eq. 7; ε = label_smoothing (cDPO)
-    ipo  (h − 1/(2β))²,  h = ρ_w/|y_w| − ρ_l/|y_l|             IPO, Azar et al. 2023 eq. 17; per-token averaged log-ratios
-                                                             as in TRL (ipo_normalize=False: summed, the paper's form)
-    kto  [λ_D·(1−σ(β(ρ_w−z))) + λ_U·(1−σ(β(z−ρ_l)))] / 2       KTO, Ethayarajh et al. 2024 eq. 8; chosen = desirable,
-         z = max(0, mean ρ(y'|x) over mismatched pairs)       rejected = undesirable; z detached, averaged over ranks
+    dpo  −(1−ε)·log σ(β(ρ_w−ρ_l)) − ε·log σ(−β(ρ_w−ρ_l))     DPO (Rafailov et al. 2023, eq. 7); ε = label_smoothing
+    ipo  (h − 1/(2β))²,  h = ρ_w/|y_w| − ρ_l/|y_l|            IPO (Azar et al. 2023, eq. 17) with per-token averaged
+                                                            log-ratios as in TRL (ipo_normalize=False: summed)
+    kto  [λ_D·(1−σ(β(ρ_w−z))) + λ_U·(1−σ(β(z−ρ_l)))] / 2      KTO (Ethayarajh et al. 2024): chosen are desirable,
+         z = max(0, mean ρ(y'|x) over mismatched pairs)      rejected undesirable; z detached, averaged over ranks
 Trust region (TR-DPO / TR-IPO / TR-KTO; Gorbatovski, Shaposhnikov et al., ICLR 2025, §3): the loss is unchanged, only
 π_ref moves. After optimizer step k, when k % τ == 0:
     soft   θ_ref ← α·θ + (1−α)·θ_ref        (ref_update=soft, tr_alpha=α, tr_tau=τ; τ=1 mixes every step)
@@ -17,7 +17,7 @@ Trust region (TR-DPO / TR-IPO / TR-KTO; Gorbatovski, Shaposhnikov et al., ICLR 2
 With α=0 or ref_update=none this is plain DPO/IPO/KTO against the fixed initial (SFT) model.
 
 Run:
-    python train_tr.py                                   # TR-DPO on the tiny data in data/tiny, CPU, ~1 minute
+    python train_tr.py                                   # TR-DPO on the tiny data in data/tiny, CPU, ~15 s
     python train_tr.py --loss=ipo --ref_update=hard --tr_tau=16
     torchrun --standalone --nproc_per_node=8 train_tr.py config.py --data=data/hh --init_from=EleutherAI/pythia-2.8b
 Every setting below can be overridden with --key=value, or by a Python config file of `key = value` lines.
@@ -84,7 +84,8 @@ dtype = 'auto'                  # compute dtype: auto (bfloat16 on CUDA, else fl
 grad_checkpoint = False         # activation checkpointing of each decoder layer
 peak_flops = 989e12             # per-device peak for MFU (H100 dense bf16)
 seed = 1337
-CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
+CONFIG_KEYS = [k for k, v in list(globals().items())
+               if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 LOSSES = ('sft', 'dpo', 'ipo', 'kto')
 REF_UPDATES = ('none', 'soft', 'hard')
 
@@ -151,7 +152,7 @@ def resolve_device(name):
 
 
 def setup_distributed(device_name):
-    """Returns (rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python gets a 1-rank group."""
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python gets a 1-rank group."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     device = resolve_device(device_name)
     if device.type == 'cuda':
@@ -263,7 +264,8 @@ def load_pairs(source, split, tokenizer, need_rejected=True, verbose=True):
             pairs.append(result)
     if verbose:
         why = ', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))
-        print(f'{name}: {len(pairs):,} pairs' + (f' (skipped {sum(skipped.values()):,} rows: {why})' if skipped else ''))
+        skip_note = f' (skipped {sum(skipped.values()):,} rows: {why})' if skipped else ''
+        print(f'{name}: {len(pairs):,} pairs{skip_note}')
     if not pairs:
         raise SystemExit(f'error: no usable preference rows in {name} ({len(rows)} rows read; '
                          'each needs "prompt", "chosen"' + (', "rejected"' if need_rejected else '') + ' as text)')
@@ -290,7 +292,7 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_le
 
 def truncate(prompt_ids, responses, max_length, max_prompt_length):
     """A too-long example first loses the prompt's start (keeping its last max_prompt_length tokens), then the
-    responses' ends (the DPO repository's rule: the end of a dialogue matters most, and every response keeps its start)."""
+    responses' ends (the DPO repository's rule: a dialogue's end matters most, and each response keeps its start)."""
     if len(prompt_ids) + max(map(len, responses)) > max_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
     return prompt_ids, [r[:max_length - len(prompt_ids)] for r in responses]

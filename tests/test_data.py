@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_tr
-from train_tr import (collate, get_config, load_pairs, make_batch, render_row, step_pair_indices,
+from train_tr import (collate, get_config, load_pairs, make_batch, read_rows, render_row, step_pair_indices,
                       tokenize_pair)
 
 PAD, EOS = 1, 0  # data/tiny/base: <|pad|> = 1, <|endoftext|> = 0 (also BOS, which this tokenizer does not add)
@@ -213,6 +213,17 @@ def test_render_chat_template_mismatch_is_a_bad_row(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, 'apply_chat_template', lambda messages, **kw: ('X' if len(messages) > 1 else '')
                         + real(messages, **kw))  # a template whose full rendering does not extend the prompt
     assert render_row(row, tokenizer) == 'chat template mismatch'
+
+
+def test_read_rows_from_a_hub_dataset_name(monkeypatch):
+    """A name that is neither a file nor a folder goes to datasets.load_dataset; evaluation falls back to the
+    validation split when there is no test split."""
+    import datasets
+    hub = datasets.DatasetDict({'train': datasets.Dataset.from_list(GOOD_ROWS[:1]),
+                                'validation': datasets.Dataset.from_list(GOOD_ROWS[1:2])})
+    monkeypatch.setattr(datasets, 'load_dataset', lambda name: hub if name == 'org/prefs' else None)
+    assert read_rows('org/prefs', 'train') == (GOOD_ROWS[:1], 'org/prefs[train]')
+    assert read_rows('org/prefs', 'test') == (GOOD_ROWS[1:2], 'org/prefs[validation]')
 
 
 def test_load_pairs_parquet(tmp_path, tokenizer):

@@ -61,9 +61,22 @@ def test_hard_update_every_step_keeps_dpo_at_ln2(tmp_path):
 def test_ipo_and_kto_first_step_values(tmp_path):
     _, records = run(tmp_path / 'ipo', *SMALL, '--max_iters=1', '--loss=ipo', '--beta=0.2')
     assert records[0]['loss'] == pytest.approx(1 / (4 * 0.2 ** 2), rel=1e-6)  # (0 - 1/(2β))²
-    _, records = run(tmp_path / 'kto', *SMALL, '--max_iters=1', '--loss=kto', '--kto_undesirable_weight=1.5')
-    assert records[0]['loss'] == pytest.approx((1.0 + 1.5) / 4, rel=1e-6)  # z = 0, σ(0) = 1/2 on both sides
-    assert records[0]['kl'] == 0
+    for nproc in (1, 2):  # with 2 processes z is averaged over ranks
+        _, records = run(tmp_path / f'kto{nproc}', *SMALL, '--max_iters=1', '--loss=kto',
+                         '--kto_undesirable_weight=1.5', nproc=nproc)
+        assert records[0]['loss'] == pytest.approx((1.0 + 1.5) / 4, rel=1e-6)  # z = 0, σ(0) = 1/2 on both sides
+        assert records[0]['kl'] == 0
+
+
+def test_activation_checkpointing_and_bf16(tmp_path):
+    args = [*SMALL, '--max_iters=3', '--ref_update=none']
+    _, fp32 = run(tmp_path / 'fp32', *args)
+    _, recomputed = run(tmp_path / 'ckpt', *args, '--grad_checkpoint=True')
+    assert [r['loss'] for r in recomputed] == [r['loss'] for r in fp32]  # recomputation gives identical gradients
+    _, bf16 = run(tmp_path / 'bf16', *args, '--dtype=bfloat16')
+    assert bf16[0]['loss'] == pytest.approx(math.log(2), abs=1e-6)  # policy and reference round alike
+    for a, b in zip(bf16, fp32, strict=True):
+        assert a['loss'] == pytest.approx(b['loss'], abs=0.01)
 
 
 def test_soft_with_alpha_zero_matches_no_update(tmp_path):

@@ -23,11 +23,13 @@ Kept counts on the full data: not measured here (no network). On the first 300 r
   hh test: kept 299 of 300 rows (skipped: 1 empty response)
 """
 import argparse
-import glob
-import gzip
-import json
 import os
-from collections import Counter
+import sys
+
+# prepare_common.py sits in data/, which is no package: put data/ on the path so this runs from any working directory
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import prepare_common  # noqa: E402
+from prepare_common import expand, read_rows, summary, write_splits  # noqa: E402,F401  (summary: for the tests)
 
 SEARCH = "\n\nAssistant:"
 
@@ -51,37 +53,7 @@ def hh_to_canonical(row):
 
 def convert(rows):
     """Raw rows -> (kept canonical rows, Counter of skip reasons); nothing is dropped without being counted."""
-    kept, skipped = [], Counter()
-    for row in rows:
-        out = hh_to_canonical(row)
-        if isinstance(out, str):
-            skipped[out] += 1
-        else:
-            kept.append(out)
-    return kept, skipped
-
-
-def summary(name, split, kept, skipped):
-    """The one line per split that says how many rows survived and why the others did not."""
-    total = len(kept) + sum(skipped.values())
-    why = ", ".join(f"{n:,} {reason}" for reason, n in skipped.most_common()) or "none"
-    return f"{name} {split}: kept {len(kept):,} of {total:,} rows (skipped: {why})"
-
-
-def expand(paths):
-    """--raw entries (files, directories, globs) -> list of raw files. Globs are expanded here because the shell
-    does not expand a pattern glued to '--raw='; a directory means its own *.jsonl and *.jsonl.gz files."""
-    files = []
-    for pattern in paths:
-        matches = sorted(glob.glob(pattern))
-        if not matches:
-            raise SystemExit(f"--raw: nothing matches {pattern}")
-        for path in matches:
-            if os.path.isdir(path):
-                files += sorted(glob.glob(os.path.join(path, "*.jsonl")) + glob.glob(os.path.join(path, "*.jsonl.gz")))
-            else:
-                files.append(path)
-    return files
+    return prepare_common.convert(rows, hh_to_canonical)
 
 
 def split_of(path):
@@ -92,28 +64,16 @@ def split_of(path):
     return "train" if "train" in name else "test"
 
 
-def read_jsonl(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_splits(raw, data_dir):
     """{split: raw rows} from local files, or from the HF hub when no --raw is given."""
     if raw:
         splits = {}
-        for path in expand(raw):
-            splits.setdefault(split_of(path), []).extend(read_jsonl(path))
+        for path in expand(raw, (".jsonl", ".jsonl.gz")):
+            splits.setdefault(split_of(path), []).extend(read_rows(path))
         return splits
     from datasets import load_dataset
     ds = load_dataset("Anthropic/hh-rlhf", data_dir=data_dir)
     return {split: ds[split] for split in ("train", "test")}
-
-
-def write_jsonl(rows, path):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
@@ -123,7 +83,4 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
-    for split, rows in load_splits(args.raw, args.data_dir).items():
-        kept, skipped = convert(rows)
-        print(summary("hh", split, kept, skipped))
-        write_jsonl(kept, os.path.join(args.out_dir, f"{split}.jsonl"))
+    write_splits("hh", load_splits(args.raw, args.data_dir), hh_to_canonical, args.out_dir)

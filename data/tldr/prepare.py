@@ -23,10 +23,14 @@ Raw counts, trl-lib/tldr-preference: train 92,858 / validation 86,086 (83,802 Re
 Kept counts: not measured here (no network).
 """
 import argparse
-import glob
-import json
+import functools
 import os
-from collections import Counter
+import sys
+
+# prepare_common.py sits in data/, which is no package: put data/ on the path so this runs from any working directory
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import prepare_common  # noqa: E402
+from prepare_common import expand, read_rows, write_splits  # noqa: E402
 
 
 def tldr_to_canonical(row, reddit_only=True):
@@ -46,37 +50,7 @@ def tldr_to_canonical(row, reddit_only=True):
 
 def convert(rows, reddit_only=True):
     """Source rows -> (kept canonical rows, Counter of skip reasons); nothing is dropped without being counted."""
-    kept, skipped = [], Counter()
-    for row in rows:
-        out = tldr_to_canonical(row, reddit_only)
-        if isinstance(out, str):
-            skipped[out] += 1
-        else:
-            kept.append(out)
-    return kept, skipped
-
-
-def summary(name, split, kept, skipped):
-    """The one line per split that says how many rows survived and why the others did not."""
-    total = len(kept) + sum(skipped.values())
-    why = ", ".join(f"{n:,} {reason}" for reason, n in skipped.most_common()) or "none"
-    return f"{name} {split}: kept {len(kept):,} of {total:,} rows (skipped: {why})"
-
-
-def expand(paths):
-    """--raw entries (files, directories, globs) -> list of source files. Globs are expanded here because the shell
-    does not expand a pattern glued to '--raw='; a directory means its own .jsonl/.json/.parquet files."""
-    files = []
-    for pattern in paths:
-        matches = sorted(glob.glob(pattern))
-        if not matches:
-            raise SystemExit(f"--raw: nothing matches {pattern}")
-        for path in matches:
-            if os.path.isdir(path):
-                files += sorted(f for f in glob.glob(os.path.join(path, "*")) if f.endswith((".jsonl", ".json", ".parquet")))
-            else:
-                files.append(path)
-    return files
+    return prepare_common.convert(rows, functools.partial(tldr_to_canonical, reddit_only=reddit_only))
 
 
 def split_of(path):
@@ -85,32 +59,16 @@ def split_of(path):
     return "test" if "test" in name or "valid" in name else "train"
 
 
-def read_rows(path):
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            return json.load(f)
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_splits(raw, name):
     """{split: source rows} from local files, or from the HF hub when no --raw is given."""
     if raw:
         splits = {}
-        for path in expand(raw):
+        for path in expand(raw, (".jsonl", ".json", ".parquet")):
             splits.setdefault(split_of(path), []).extend(read_rows(path))
         return splits
     from datasets import load_dataset
     ds = load_dataset(name)
     return {"train": ds["train"], "test": ds["validation"]}
-
-
-def write_jsonl(rows, path):
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def parse_bool(s):
@@ -128,7 +86,5 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
-    for split, rows in load_splits(args.raw, args.name).items():
-        kept, skipped = convert(rows, args.reddit_only)
-        print(summary("tldr", split, kept, skipped))
-        write_jsonl(kept, os.path.join(args.out_dir, f"{split}.jsonl"))
+    to_canonical = functools.partial(tldr_to_canonical, reddit_only=args.reddit_only)
+    write_splits("tldr", load_splits(args.raw, args.name), to_canonical, args.out_dir)
