@@ -39,8 +39,8 @@ def judge(cfg):
     with torch.no_grad():
         for start in range(0, len(pairs), cfg['batch_size']):
             batch = make_batch(pairs[start:start + cfg['batch_size']], tokenizer, 'dpo', cfg['max_length'],
-                               cfg['max_prompt_length'])
-            input_ids, labels = batch['input_ids'].to(device), batch['labels'].to(device)
+                               cfg['max_prompt_length'], device)
+            input_ids, labels = batch['input_ids'], batch['labels']
             log_ratio = sequence_logps(policy, input_ids, labels)[0] - sequence_logps(ref, input_ids, labels)[0]
             n = len(log_ratio) // 2
             margins += (cfg['beta'] * (log_ratio[:n] - log_ratio[n:])).tolist()

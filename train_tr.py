@@ -310,19 +310,19 @@ def collate(sequences, pad_id):
     return input_ids, labels
 
 
-def make_batch(pairs, tokenizer, loss_name, max_length, max_prompt_length):
+def make_batch(pairs, tokenizer, loss_name, max_length, max_prompt_length, device='cpu'):
     """One micro-batch: sequences laid out [chosen; rejected] (sft: chosen only), plus for KTO each prompt paired
     with the next pair's chosen response, the mismatched (x, y') pairs that estimate the KL baseline z."""
     tokenized = [tokenize_pair(tokenizer, *pair, max_length, max_prompt_length) for pair in pairs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sequences = [(t[0], t[1]) for t in tokenized] + [(t[0], t[2]) for t in tokenized if loss_name != 'sft']
     batch = dict(zip(('input_ids', 'labels'), collate(sequences, pad_id)))
-    batch['n_tokens'] = sum(len(p) + len(r) for p, r in sequences)
+    batch['n_tokens'] = torch.tensor(float(sum(len(p) + len(r) for p, r in sequences)))
     if loss_name == 'kto':
         mismatched = [truncate(t[0], [tokenized[(i + 1) % len(tokenized)][1]], max_length, max_prompt_length)
                       for i, t in enumerate(tokenized)]
         batch['kl_input_ids'], batch['kl_labels'] = collate([(p, r) for p, (r,) in mismatched], pad_id)
-    return batch
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @lru_cache(maxsize=2)
@@ -414,12 +414,12 @@ def loss_denominator(batch, loss_name):
     """What the loss of a batch averages over: response tokens for sft, pairs otherwise."""
     if loss_name == 'sft':
         return (batch['labels'][:, 1:] != -100).sum().float()
-    return torch.tensor(len(batch['input_ids']) / 2)
+    return torch.tensor(len(batch['input_ids']) / 2, device=batch['input_ids'].device)
 
 
 def batch_loss(policy, ref, batch, cfg):
     """(Σ of per-pair losses, or Σ token NLL for sft; dict of per-pair metric values) for one micro-batch."""
-    policy_logps, n_tokens = sequence_logps(policy, batch['input_ids'], batch['labels'])
+    policy_logps, response_tokens = sequence_logps(policy, batch['input_ids'], batch['labels'])
     if cfg['loss'] == 'sft':
         return -policy_logps.sum(), {'logps/chosen': policy_logps.detach()}
     with torch.no_grad():
@@ -427,8 +427,8 @@ def batch_loss(policy, ref, batch, cfg):
     n = len(policy_logps) // 2
     kto_z = kto_kl_baseline(policy, ref, batch) if cfg['loss'] == 'kto' else None
     losses = preference_loss(policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], cfg['loss'],
-                             cfg['beta'], cfg['label_smoothing'], n_tokens[:n], n_tokens[n:], cfg['ipo_normalize'],
-                             kto_z, cfg['kto_desirable_weight'], cfg['kto_undesirable_weight'])
+                             cfg['beta'], cfg['label_smoothing'], response_tokens[:n], response_tokens[n:],
+                             cfg['ipo_normalize'], kto_z, cfg['kto_desirable_weight'], cfg['kto_undesirable_weight'])
     rewards = cfg['beta'] * (policy_logps - ref_logps).detach()
     metrics = {'rewards/chosen': rewards[:n], 'rewards/rejected': rewards[n:],
                'rewards/accuracies': (rewards[:n] > rewards[n:]).float(), 'rewards/margins': rewards[:n] - rewards[n:],
@@ -516,7 +516,7 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def evaluate(policy, ref, pairs, tokenizer, cfg, rank, world, micro_size):
+def evaluate(policy, ref, pairs, tokenizer, cfg, rank, world, micro_size, device):
     """Mean metrics over the first eval_pairs held-out pairs (a whole number of global micro-batches)."""
     n = min(len(pairs), cfg['eval_pairs']) // (world * micro_size) * world * micro_size
     if n == 0:
@@ -525,7 +525,7 @@ def evaluate(policy, ref, pairs, tokenizer, cfg, rank, world, micro_size):
     with torch.no_grad():
         for start in range(rank * micro_size, n, world * micro_size):
             batch = make_batch(pairs[start:start + micro_size], tokenizer, cfg['loss'], cfg['max_length'],
-                               cfg['max_prompt_length'])
+                               cfg['max_prompt_length'], device)
             loss_sum, metrics = batch_loss(policy, ref, batch, cfg)
             metrics.update(loss=loss_sum, denominator=loss_denominator(batch, cfg['loss']))
             for k, v in metrics.items():
@@ -582,7 +582,11 @@ def train(cfg):
     start_iter = load_checkpoint(out_dir, policy, ref, optimizer) if cfg['resume'] else 0
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(out_dir / 'metrics.jsonl', 'a' if cfg['resume'] else 'w')
+        metrics_path = out_dir / 'metrics.jsonl'
+        # a resumed run continues from its last checkpoint: lines an interrupted run logged after it are dropped
+        earlier = metrics_path.read_text().splitlines() if cfg['resume'] and metrics_path.exists() else []
+        metrics_file = open(metrics_path, 'w')
+        metrics_file.writelines(line + '\n' for line in earlier if json.loads(line)['iter'] <= start_iter)
         print(f'{n_params / 1e6:.2f}M parameters, world size {world}, {micro_size} pairs per micro-batch, '
               f'compute dtype {compute_dtype}, device {device}')
     wandb = None
@@ -598,8 +602,8 @@ def train(cfg):
                 wandb.log(record, step=record['iter'])
 
     def eval_and_save(it):
-        if eval_pairs is not None:
-            record = evaluate(policy, ref, eval_pairs, tokenizer, cfg, rank, world, micro_size)
+        record = evaluate(policy, ref, eval_pairs, tokenizer, cfg, rank, world, micro_size, device) if eval_pairs else {}
+        if record:
             log({'iter': it, **record})
             if master:
                 tqdm.write(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()))
@@ -615,7 +619,7 @@ def train(cfg):
             group['lr'] = lr
         indices = step_pair_indices(len(train_pairs), it, cfg['batch_size'], cfg['seed'])[rank::world]
         batches = [make_batch([train_pairs[i] for i in indices[m * micro_size:(m + 1) * micro_size]], tokenizer,
-                              cfg['loss'], cfg['max_length'], cfg['max_prompt_length'])
+                              cfg['loss'], cfg['max_length'], cfg['max_prompt_length'], device)
                    for m in range(cfg['grad_accum'])]
         # The objective is a mean over the global batch (of pairs, or of response tokens for sft). FSDP averages
         # gradients over ranks, so each rank scales its sum by world/denominator.
@@ -626,7 +630,7 @@ def train(cfg):
             policy.set_requires_gradient_sync(m == len(batches) - 1)  # reduce gradients once, after the last micro-step
             loss_sum, metrics = batch_loss(policy, ref, batch, cfg)
             (loss_sum * world / denominator).backward()
-            metrics = {'loss': loss_sum.detach() / denominator, 'tokens': torch.tensor(batch['n_tokens']),
+            metrics = {'loss': loss_sum.detach() / denominator, 'tokens': batch['n_tokens'],
                        **{k: v.sum() / cfg['batch_size'] for k, v in metrics.items()}}
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v

@@ -129,12 +129,24 @@ def test_resume_continues_exactly(tmp_path, nproc):
     """6 iterations in one go == 3 iterations, then resume=True for 3 more (weights, reference, optimizer, metrics)."""
     _, straight = run(tmp_path / 'straight', *SMALL, '--max_iters=6', '--tr_tau=2', nproc=nproc)
     run(tmp_path / 'split', *SMALL, '--max_iters=3', '--tr_tau=2', nproc=nproc)
+    with open(tmp_path / 'split' / 'metrics.jsonl', 'a') as f:  # as if the run had gone on past its checkpoint
+        f.write(json.dumps({'iter': 4, 'loss': 123.0}) + '\n')
     _, resumed = run(tmp_path / 'split', *SMALL, '--max_iters=6', '--tr_tau=2', '--resume=True', nproc=nproc)
-    assert [r['loss'] for r in resumed] == [r['loss'] for r in straight]
+    assert [r['loss'] for r in resumed] == [r['loss'] for r in straight]  # the stale line is gone
     a, b = final_state(tmp_path / 'straight'), final_state(tmp_path / 'split')
     assert a['iter'] == b['iter'] == 6
     assert_same_weights(a['policy'], b['policy'])
     assert_same_weights(a['ref'], b['ref'])
+
+
+def test_resume_on_another_number_of_processes(tmp_path):
+    """Full state dicts make a run saved by 1 process resumable by 2 (same global batch, so the same run)."""
+    _, straight = run(tmp_path / 'straight', *SMALL, '--max_iters=6', '--tr_tau=2')
+    run(tmp_path / 'split', *SMALL, '--max_iters=3', '--tr_tau=2')
+    _, resumed = run(tmp_path / 'split', *SMALL, '--max_iters=6', '--tr_tau=2', '--resume=True', nproc=2)
+    assert [r['loss'] for r in resumed] == pytest.approx([r['loss'] for r in straight], abs=1e-5)
+    assert_same_weights(final_state(tmp_path / 'straight')['policy'], final_state(tmp_path / 'split')['policy'],
+                        atol=1e-5)
 
 
 def test_checkpoint_loads_with_from_pretrained(tmp_path):
