@@ -555,6 +555,9 @@ def train(cfg):
         raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
     need_rejected = cfg['loss'] != 'sft'
     train_pairs = load_pairs(cfg['data'], 'train', tokenizer, need_rejected, verbose=master)
+    if train_pairs is None:
+        raise SystemExit(f"error: no train.jsonl, train.json or train.parquet in {cfg['data']} "
+                         "(a data/<name> folder is filled by its prepare.py)")
     eval_pairs = load_pairs(cfg['data'], 'test', tokenizer, need_rejected, verbose=master)
 
     # models: policy and reference with fp32 master weights. A bf16 reference would round small soft updates

@@ -174,6 +174,9 @@ def test_bad_data_and_bad_config_fail_clearly(tmp_path):
     assert proc.returncode != 0 and str(bad) in proc.stderr and 'no usable preference rows' in proc.stderr
     proc, _ = run(tmp_path / 'o2', '--no_such_key=1', check=False)
     assert proc.returncode != 0 and "unknown config key 'no_such_key'" in proc.stderr
+    (tmp_path / 'empty').mkdir()
+    proc, _ = run(tmp_path / 'o4', f"--data={tmp_path / 'empty'}", check=False)
+    assert proc.returncode != 0 and 'no train.jsonl, train.json or train.parquet in' in proc.stderr
     proc, _ = run(tmp_path / 'o3', '--batch_size=3', nproc=2, check=False)
     assert proc.returncode != 0 and 'must be a multiple of' in (proc.stdout + proc.stderr)
 
