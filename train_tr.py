@@ -68,8 +68,8 @@ kto_desirable_weight = 1.0      # kto: λ_D
 kto_undesirable_weight = 1.0    # kto: λ_U
 # trust region
 ref_update = 'soft'             # none | soft | hard
-tr_alpha = 0.6                  # soft: weight of the policy in the mix (paper: 0.5-0.6)
-tr_tau = 10                     # update every this many optimizer steps (paper hard update: 256-512)
+tr_alpha = 0.6                  # soft: weight of the policy in the mix (paper: 0.6)
+tr_tau = 10                     # update every this many optimizer steps (paper, hard update: 512)
 # optimization
 batch_size = 16                 # preference pairs per optimizer step, over all processes
 grad_accum = 1                  # micro-steps per optimizer step (each process takes batch_size/world/grad_accum pairs)

@@ -1,14 +1,13 @@
 """save_checkpoint is atomic file by file: an interrupted save leaves the previous checkpoint loadable."""
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import train_tr
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import train_tr  # noqa: E402
 
 
 @pytest.fixture
