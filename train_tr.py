@@ -22,6 +22,7 @@ Run:
     torchrun --standalone --nproc_per_node=8 train_tr.py config.py --data=data/hh --init_from=EleutherAI/pythia-2.8b
 Every setting below can be overridden with --key=value, or by a Python config file of `key = value` lines.
 """
+import copy
 import json
 import os
 import resource
@@ -569,7 +570,7 @@ def train(cfg):
     policy = load_model(cfg['init_from'])
     ref = None
     if cfg['loss'] != 'sft':
-        ref = load_model(cfg['ref_from']) if cfg['ref_from'] else load_model(cfg['init_from'])
+        ref = load_model(cfg['ref_from']) if cfg['ref_from'] else copy.deepcopy(policy)  # before any sharding
         ref.requires_grad_(False).eval()
         shard_model(ref, mesh, mp_policy, reshard_root=True)  # root gathered only during its forward
     if cfg['grad_checkpoint']:
