@@ -31,10 +31,7 @@ def judge(cfg):
     device = resolve_device(cfg['device'])
     tokenizer = AutoTokenizer.from_pretrained(cfg['policy'])
     policy, ref = (load_model(name).to(device).eval() for name in (cfg['policy'], cfg['ref']))
-    pairs = load_pairs(cfg['data'], cfg['split'], tokenizer)
-    if pairs is None:
-        raise SystemExit(f"error: {cfg['data']} has no {cfg['split']!r} split")
-    pairs = pairs[:cfg['num_pairs']]
+    pairs = load_pairs(cfg['data'], cfg['split'], tokenizer)[:cfg['num_pairs']]
     margins = []
     with torch.no_grad():
         for start in range(0, len(pairs), cfg['batch_size']):

@@ -44,8 +44,6 @@ def sample(cfg):
     model = AutoModelForCausalLM.from_pretrained(cfg['init_from']).to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = load_pairs(cfg['data'], cfg['split'], tokenizer, need_rejected=False)
-    if pairs is None:
-        raise SystemExit(f"error: {cfg['data']} has no {cfg['split']!r} split")
     prompts = [prompt for prompt, _, _ in pairs[:cfg['num_prompts']]]
     settings = dict(do_sample=True, temperature=cfg['temperature'], top_p=cfg['top_p']) if cfg['temperature'] > 0 \
         else dict(do_sample=False)

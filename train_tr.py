@@ -251,10 +251,14 @@ def render_row(row, tokenizer, need_rejected=True):
     return prompt_text, texts[0], texts[1] if len(texts) == 2 else None
 
 
-def load_pairs(source, split, tokenizer, need_rejected=True, verbose=True):
-    """Rendered (prompt, chosen, rejected) texts of a split, bad rows skipped and counted; None if there is no split."""
+def load_pairs(source, split, tokenizer, need_rejected=True, verbose=True, required=True):
+    """Rendered (prompt, chosen, rejected) texts of a split, bad rows skipped and counted. A missing split is an
+    error, or None when not required (the held-out split)."""
     rows, name = read_rows(source, split)
     if rows is None:
+        if required:
+            raise SystemExit(f"error: no {split}.jsonl, {split}.json or {split}.parquet in {source} "
+                             "(a data/<name> folder is filled by its prepare.py)")
         return None
     pairs, skipped = [], {}
     for row in rows:
@@ -556,10 +560,7 @@ def train(cfg):
         raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
     need_rejected = cfg['loss'] != 'sft'
     train_pairs = load_pairs(cfg['data'], 'train', tokenizer, need_rejected, verbose=master)
-    if train_pairs is None:
-        raise SystemExit(f"error: no train.jsonl, train.json or train.parquet in {cfg['data']} "
-                         "(a data/<name> folder is filled by its prepare.py)")
-    eval_pairs = load_pairs(cfg['data'], 'test', tokenizer, need_rejected, verbose=master)
+    eval_pairs = load_pairs(cfg['data'], 'test', tokenizer, need_rejected, verbose=master, required=False)
 
     # models: policy and reference with fp32 master weights. A bf16 reference would round small soft updates
     # away (a change under half an ulp vanishes); fp32 costs 4 bytes per parameter per GPU, divided by the FSDP world.
@@ -606,7 +607,8 @@ def train(cfg):
                 wandb.log(record, step=record['iter'])
 
     def eval_and_save(it):
-        record = evaluate(policy, ref, eval_pairs, tokenizer, cfg, rank, world, micro_size, device) if eval_pairs else {}
+        record = {} if eval_pairs is None else evaluate(policy, ref, eval_pairs, tokenizer, cfg, rank, world,
+                                                         micro_size, device)
         if record:
             log({'iter': it, **record})
             if master:

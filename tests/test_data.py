@@ -238,9 +238,11 @@ def test_load_pairs_folder_and_missing_split(tmp_path, tokenizer):
     write_jsonl(tmp_path / 'train.jsonl', [json.dumps(r) for r in GOOD_ROWS])
     (tmp_path / 'test.txt').write_text('not a data file')
     assert load_pairs(str(tmp_path), 'train', tokenizer, verbose=False) == GOOD_PAIRS
-    assert load_pairs(str(tmp_path), 'test', tokenizer, verbose=False) is None
+    assert load_pairs(str(tmp_path), 'test', tokenizer, verbose=False, required=False) is None
+    with pytest.raises(SystemExit, match='no test.jsonl, test.json or test.parquet in'):
+        load_pairs(str(tmp_path), 'test', tokenizer, verbose=False)  # required by default
     # a single file has no test split
-    assert load_pairs(str(tmp_path / 'train.jsonl'), 'test', tokenizer, verbose=False) is None
+    assert load_pairs(str(tmp_path / 'train.jsonl'), 'test', tokenizer, verbose=False, required=False) is None
     with pytest.raises(FileNotFoundError):
         load_pairs(str(tmp_path / 'missing.jsonl'), 'train', tokenizer)
 
