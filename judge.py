@@ -1,55 +1,256 @@
-"""
-judge.py: how often a checkpoint's implicit reward β·log(π/π_ref) ranks the chosen response of held-out pairs above
-the rejected one (the "reward accuracy" of the DPO paper), with train_tr.py's data path and log-prob code.
-
-    python judge.py --policy=out --ref=data/tiny/sft
-"""
+"""judge.py: evaluation of sample.py files (win rate of system A over B by an LLM judge, 1–10 criteria scores,
+reward-model scores), and reward labels for preference pairs (`train_tr.py --loss=distill`). README.md has examples."""
 import json
+import os
+import random
+import re
 import sys
+import time
+import urllib.request  # also imports urllib.error
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from train_tr import load_model, load_pairs, make_batch, parse_overrides, resolve_device, sequence_logps
+from sample import drop_partial_line, generate, read_jsonl  # importing sample also hides the "Loading weights" bars
+from train_tr import collate, load_model, parse_overrides, read_rows, render_row, resolve_device, sequence_rewards, \
+    tokenize_pair, tokenize_prompt
 
 defaults = dict(
-    policy='out',           # trained checkpoint (HF directory or hub name)
-    ref='data/tiny/sft',    # the model the implicit reward is measured against, usually the SFT model
-    data='data/tiny',       # any data source train_tr.py accepts
-    split='test',
-    num_pairs=200,          # the first this many usable pairs of the split
-    beta=0.1,
+    mode='pairwise',        # pairwise | criteria | reward | label
+    a='', b='',             # pairwise: sample files (sample.py output) of systems A and B; the win rate is A's
+    files='',               # criteria, reward: comma-separated sample files
+    template='',            # data/judge_templates/NAME.txt or a file path; '' = hh (pairwise), criteria (criteria)
+    judge='http',           # http: OpenAI-compatible chat-completions endpoint | hf: local HF causal LM
+    judge_model='gpt-4o',   # http: the endpoint's model name; hf: HF directory or hub name
+    base_url='https://api.openai.com/v1', api_key_env='OPENAI_API_KEY',  # the key's environment variable, if any
+    max_tokens=256,         # length of the judge's answer
+    timeout=60.0,           # seconds per HTTP request
+    retries=5,              # after a 429, a 5xx, a network error or a malformed answer
+    backoff=1.0,            # seconds before the first retry; doubles every retry
+    concurrency=4,          # HTTP requests in flight
+    cache='judge_cache.jsonl',  # judge answers, so that a rerun asks nothing twice; '' = no cache
+    bootstrap=1000,         # resamples of the prompts for the 95% confidence intervals
+    seed=1337,              # response order shown to the judge, and the bootstrap
+    reward_models='',       # reward, label: comma-separated HF reward models (sequence classifiers, one output)
+    data='data/tiny',       # label: every split of this train_tr.py data source
     batch_size=16,
-    max_length=128,
-    max_prompt_length=64,
+    max_length=128, max_prompt_length=64,  # reward models: tokens of prompt + response, truncated as in training
     device='auto',
-    out='',                 # JSON output path for the numbers; '' prints only
+    out='',                 # JSON of every number (pairwise, criteria: verdicts JSONL beside it); label: a folder
 )
+CRITERIA = ('coherence', 'correctness', 'level of detail', 'helpfulness', 'harmlessness')
+
+
+def parse_verdict(answer):
+    """'A' or 'B' from the last 'More helpful:', 'Preferred:', ... line, or a last line that is only the letter."""
+    labels = re.findall(r'^[\W_]*(?i:more \w+|preferred|answer|verdict|choice)\W{0,6}(?:(?i:response|summary) )?'
+                        r'([AB])\b', answer, re.M)
+    last = re.fullmatch(r'\W*(?:(?i:response|summary) )?([AB])\W*', answer.strip().split('\n')[-1])
+    return labels[-1] if labels else last[1] if last else None
+
+
+def parse_scores(answer):
+    """{criterion: score} for each criterion whose last line '<criterion>: <number>' has a number in 1..10."""
+    found = {name: re.findall(rf'^[\W_]*(?i:{name})\W{{0,6}}(\d+(?:\.\d+)?)', answer, re.M) for name in CRITERIA}
+    return {name: float(v[-1]) for name, v in found.items() if v and 1 <= float(v[-1]) <= 10}
+
+
+def http_answer(prompt, cfg):
+    """One chat completion, retried with exponential backoff; after the last retry the error is raised."""
+    key = os.environ.get(cfg['api_key_env'])  # sent, never printed or written
+    headers = {'Content-Type': 'application/json', **({'Authorization': f'Bearer {key}'} if key else {})}
+    body = json.dumps({'model': cfg['judge_model'], 'messages': [{'role': 'user', 'content': prompt}],
+                       'temperature': 0, 'max_tokens': cfg['max_tokens']}).encode()
+    request = urllib.request.Request(cfg['base_url'].rstrip('/') + '/chat/completions', body, headers)
+    for attempt in range(cfg['retries'] + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=cfg['timeout']) as response:
+                content = json.load(response)['choices'][0]['message']['content']
+            if not isinstance(content, str):
+                raise TypeError('malformed answer: the message content is not text')
+            return content
+        except Exception as e:  # network errors, timeouts, HTTP errors, bodies that are not chat completions
+            if isinstance(e, urllib.error.HTTPError) and e.code != 429 and e.code < 500:
+                raise  # 400, 401, 404: retrying cannot help
+            error = e
+        time.sleep(cfg['backoff'] * 2 ** attempt if attempt < cfg['retries'] else 0)
+    raise RuntimeError(f"judge request failed {cfg['retries'] + 1} times, last with {error!r}")
+
+
+def hf_answers(prompts, cfg):
+    """The answer to each prompt from a local causal LM: greedy, through its chat template if it has one."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg['judge_model'])
+    model = load_model(cfg['judge_model']).to(resolve_device(cfg['device'])).eval()
+    if tokenizer.chat_template:
+        prompts = [tokenizer.apply_chat_template([{'role': 'user', 'content': p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(prompts), cfg['batch_size']):
+        chunk = [tokenize_prompt(tokenizer, p) for p in prompts[start:start + cfg['batch_size']]]
+        for ids in generate(model, chunk, pad_id, tokenizer.eos_token_id, cfg['max_tokens']):
+            yield tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def ask(prompts, cfg):
+    """The judge's answer to each prompt, from the cache or else from the judge (and at once into the cache)."""
+    def key(prompt):  # what the answer depends on
+        return json.dumps([cfg['judge'], cfg['judge_model'], cfg['max_tokens'], prompt])
+    path = cfg['cache'] or os.devnull
+    cached = {r['key']: r['answer'] for r in read_jsonl(path)}
+    todo = sorted({p for p in prompts if key(p) not in cached})
+    drop_partial_line(path)
+    with open(path, 'a') as cache, ThreadPoolExecutor(cfg['concurrency']) as pool:
+        # http: `concurrency` requests at a time, in order; hf: a generator, not started if zip finds todo empty
+        answers = pool.map(lambda p: http_answer(p, cfg), todo) if cfg['judge'] == 'http' else hf_answers(todo, cfg)
+        desc = f'judging ({len(prompts) - len(todo)} of {len(prompts)} cached)'
+        for prompt, answer in zip(todo, tqdm(answers, desc, total=len(todo), dynamic_ncols=True)):
+            cached[key(prompt)] = answer
+            cache.write(json.dumps({'key': key(prompt), 'answer': answer}) + '\n')
+            cache.flush()
+    return [cached[key(p)] for p in prompts]
+
+
+def mean_ci(values, prompts, cfg):
+    """{mean, ci95} of the values that are not None, or None; the CI bootstraps prompts, each with all its samples."""
+    groups = {}
+    for v, p in zip(values, prompts):
+        if v is not None:
+            groups.setdefault(p, []).append(v)
+    if not groups:
+        return None
+    groups, rng = list(groups.values()), random.Random(cfg['seed'])
+    resamples = (rng.choices(groups, k=len(groups)) for _ in range(cfg['bootstrap']))
+    means = sorted(sum(map(sum, s)) / sum(map(len, s)) for s in resamples)
+    low, high = means[int(0.025 * len(means))], means[int(0.975 * len(means)) - 1]
+    return dict(mean=sum(map(sum, groups)) / sum(map(len, groups)), ci95=[low, high])
+
+
+def pairwise(cfg, template):
+    """A's and B's samples of a prompt meet in order (sample.py's `sample` field). A is shown first in a random half of
+    the pairs (seeded), which cancels a judge's position bias. An answer without a verdict is a tie."""
+    rows_a, rows_b = ({(r['prompt'], r.get('sample', 0)): r for r in read_jsonl(path)} for path in (cfg['a'], cfg['b']))
+    pairs = [(row, rows_b[k]) for k, row in rows_a.items() if k in rows_b]
+    if not pairs:
+        raise SystemExit(f"error: {cfg['a']} and {cfg['b']} have no (prompt, sample) in common")
+    a_first = [i % 2 == 0 for i in range(len(pairs))]  # half of the pairs (±1), in a random pattern
+    random.Random(cfg['seed']).shuffle(a_first)
+    shown = [(a, b) if first else (b, a) for (a, b), first in zip(pairs, a_first)]
+    answers = ask([template.format(prompt=x['prompt'].strip(), a=x['completion'].strip(), b=y['completion'].strip())
+                   for x, y in shown], cfg)
+    verdicts = [dict(prompt=a['prompt'], completion_a=a['completion'], completion_b=b['completion'],
+                     a_shown_first=first, answer=answer, verdict=parse_verdict(answer))
+                for (a, b), first, answer in zip(pairs, a_first, answers)]
+    for v in verdicts:  # the verdict names a position, the winner a system; only an unparsed answer is a tie
+        v['winner'] = 'tie' if v['verdict'] is None else 'a' if (v['verdict'] == 'A') == v['a_shown_first'] else 'b'
+    count = Counter(v['winner'] for v in verdicts)
+    points = [{'a': 1.0, 'tie': 0.5, 'b': 0.0}[v['winner']] for v in verdicts]  # win rate = (wins + ties/2) / n
+    return [dict(a=cfg['a'], b=cfg['b'], n=len(verdicts), wins=count['a'], ties=count['tie'], losses=count['b'],
+                 unparsed=count['tie'], win_rate=mean_ci(points, [v['prompt'] for v in verdicts], cfg))], verdicts
+
+
+def criteria(cfg, template):
+    rows = [dict(row, file=f) for f in cfg['files'].split(',') for row in read_jsonl(f)]
+    answers = ask([template.format(prompt=r['prompt'].strip(), response=r['completion'].strip()) for r in rows], cfg)
+    verdicts = [dict(r, answer=answer, scores=parse_scores(answer)) for r, answer in zip(rows, answers)]
+    results = []
+    for f in cfg['files'].split(','):
+        mine = [v for v in verdicts if v['file'] == f]
+        prompts = [v['prompt'] for v in mine]
+        scores = {name: mean_ci([v['scores'].get(name) for v in mine], prompts, cfg) for name in CRITERIA}
+        results.append(dict(file=f, n=len(mine), unparsed=sum(len(v['scores']) < len(CRITERIA) for v in mine),
+                            **scores, kl=mean_ci([v.get('kl') for v in mine], prompts, cfg)))  # kl: see sample.py
+    return results, verdicts
+
+
+def load_reward_models(cfg):
+    return [(name, load_model(name, reward_model=True).to(resolve_device(cfg['device'])).eval(),
+             AutoTokenizer.from_pretrained(name)) for name in cfg['reward_models'].split(',') if name]
+
+
+@torch.no_grad()
+def rewards(models, prompts, responses, cfg):
+    """r(x, y) of each (prompt, response) under each reward model: tokenized and truncated as train_tr.py does (EOS ends
+    the response), right-padded with the pad id the classifier skips, scored at the last real token."""
+    scores, size = [], cfg['batch_size']
+    for _, model, tokenizer in models:
+        sequences = [tokenize_pair(tokenizer, p, r, None, cfg['max_length'], cfg['max_prompt_length'])
+                     for p, r in zip(prompts, responses)]
+        batches = [collate(sequences[i:i + size], model.config.pad_token_id)[0] for i in range(0, len(sequences), size)]
+        scores.append([r for ids in batches for r in sequence_rewards(model, ids.to(model.device)).tolist()])
+    return scores
+
+
+def reward(cfg, template):
+    models, results = load_reward_models(cfg), []
+    for f in cfg['files'].split(','):
+        rows = read_jsonl(f)
+        prompts = [r['prompt'] for r in rows]
+        scores = rewards(models, prompts, [r['completion'] for r in rows], cfg)
+        means = {name: mean_ci(s, prompts, cfg) for (name, _, _), s in zip(models, scores)}
+        results.append(dict(file=f, n=len(rows), **means, kl=mean_ci([r.get('kl') for r in rows], prompts, cfg)))
+    return results, None
+
+
+def label(cfg, template):
+    """Each usable pair of each split of `data`, plus reward_chosen and reward_rejected (a float per reward model), to
+    out/<split>.jsonl; a partial file is continued. Message lists use the first reward model's chat template."""
+    models, results, size = load_reward_models(cfg), [], cfg['batch_size']
+    for split in ('train', 'test'):
+        rows, name = read_rows(cfg['data'], split)
+        if rows is None:
+            continue
+        rendered = [render_row(row, models[0][2]) for row in rows]  # (prompt, chosen, rejected), or why not
+        usable = [(row, texts) for row, texts in zip(rows, rendered) if not isinstance(texts, str)]
+        skipped = Counter(texts for texts in rendered if isinstance(texts, str))
+        path = Path(cfg['out']) / f'{split}.jsonl'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # continue after the last whole batch, so that every row is scored in the same batch as in one run
+        old = read_jsonl(path)
+        done = len(usable) if len(old) == len(usable) else len(old) // size * size
+        path.write_text(''.join(json.dumps(row) + '\n' for row in old[:done]))
+        for start in tqdm(range(done, len(usable), size), desc=f'labelling {split}', dynamic_ncols=True):
+            chunk = usable[start:start + size]
+            prompts, chosen, rejected = zip(*(texts for _, texts in chunk))
+            per_row = zip(*rewards(models, prompts, chosen, cfg)), zip(*rewards(models, prompts, rejected, cfg))
+            with open(path, 'a') as f:  # closed, so flushed, after every batch
+                for (row, _), rc, rr in zip(chunk, *per_row):
+                    f.write(json.dumps({**row, 'reward_chosen': list(rc), 'reward_rejected': list(rr)}) + '\n')
+        results.append(dict(split=name, pairs=len(usable), skipped=sum(skipped.values()), **skipped,
+                            labelled_now=len(usable) - done, out=str(path)))
+    if not results:
+        raise SystemExit(f"error: no train or test split in {cfg['data']}")
+    return results, None
 
 
 def judge(cfg):
-    device = resolve_device(cfg['device'])
-    tokenizer = AutoTokenizer.from_pretrained(cfg['policy'])
-    policy, ref = (load_model(name).to(device).eval() for name in (cfg['policy'], cfg['ref']))
-    pairs = load_pairs(cfg['data'], cfg['split'], tokenizer)[:cfg['num_pairs']]
-    margins = []
-    with torch.no_grad():
-        for start in range(0, len(pairs), cfg['batch_size']):
-            batch = make_batch(pairs[start:start + cfg['batch_size']], tokenizer, 'dpo', cfg['max_length'],
-                               cfg['max_prompt_length'], device)
-            input_ids, labels = batch['input_ids'], batch['labels']
-            log_ratio = sequence_logps(policy, input_ids, labels)[0] - sequence_logps(ref, input_ids, labels)[0]
-            n = len(log_ratio) // 2
-            margins += (cfg['beta'] * (log_ratio[:n] - log_ratio[n:])).tolist()
-    result = {'policy': cfg['policy'], 'ref': cfg['ref'], 'pairs': len(margins),
-              'accuracy': sum(m > 0 for m in margins) / len(margins), 'mean_margin': sum(margins) / len(margins)}
-    print(f"{'policy':<24}{'ref':<24}{'pairs':>7}{'accuracy':>10}{'margin':>10}")
-    print(f"{cfg['policy']:<24}{cfg['ref']:<24}{result['pairs']:>7}{result['accuracy']:>10.3f}"
-          f"{result['mean_margin']:>10.3f}")
-    if cfg['out']:
-        with open(cfg['out'], 'w') as f:
-            json.dump(result, f, indent=2)
-    return result
+    def cell(value):  # of the printed table: a {mean, ci95} as 'mean [low, high]'
+        if isinstance(value, dict):
+            return '{:.3f} [{:.3f}, {:.3f}]'.format(value['mean'], *value['ci95'])
+        return f'{value:.3f}' if isinstance(value, float) else 'n/a' if value is None else str(value)
+    modes = dict(pairwise=pairwise, criteria=criteria, reward=reward, label=label)
+    if cfg['mode'] not in modes:
+        raise SystemExit(f"error: mode must be one of {', '.join(modes)}, got {cfg['mode']!r}")
+    if cfg['mode'] in ('reward', 'label') and not cfg['reward_models']:
+        raise SystemExit(f"error: mode={cfg['mode']} needs reward_models=")
+    if cfg['mode'] == 'label' and not cfg['out']:
+        raise SystemExit('error: mode=label needs out= (the folder for train.jsonl and test.jsonl)')
+    name = cfg['template'] or ('criteria' if cfg['mode'] == 'criteria' else 'hh')
+    path = Path(name) if Path(name).is_file() else Path(__file__).parent / 'data/judge_templates' / f'{name}.txt'
+    results, verdicts = modes[cfg['mode']](cfg, path.read_text() if cfg['mode'] in ('pairwise', 'criteria') else '')
+    columns = list(dict.fromkeys(k for r in results for k in r))
+    table = [columns] + [[cell(r.get(k)) for k in columns] for r in results]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    print('\n'.join('  '.join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table))
+    if cfg['out'] and cfg['mode'] != 'label':
+        Path(cfg['out']).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg['out']).write_text(json.dumps({'config': cfg, 'results': results}, indent=2) + '\n')
+        if verdicts is not None:
+            Path(cfg['out']).with_suffix('.verdicts.jsonl').write_text(''.join(json.dumps(v) + '\n' for v in verdicts))
+    return results
 
 
 if __name__ == '__main__':

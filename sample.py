@@ -1,32 +1,59 @@
 """
-sample.py: completions from a train_tr.py checkpoint (or any HF causal LM) for the prompts of a dataset split,
-read, rendered and tokenized exactly as train_tr.py does.
+sample.py: completions from a train_tr.py checkpoint (or any HF causal LM) for the prompts of a dataset split, read,
+rendered and tokenized exactly as train_tr.py does; optionally with each completion's log-prob under a reference
+model, so that quality can be plotted against KL from the SFT policy.
 
-    python sample.py --init_from=out --num_prompts=4
-    python sample.py --init_from=out --data=data/hh --temperature=0.7 --out=samples.jsonl
+    python sample.py --init_from=out --num_prompts=4 --temperature=0             # print greedy completions
+    python sample.py --init_from=out --ref=data/tiny/sft --out=samples/tr.jsonl    # JSONL with logp_policy/logp_ref/kl
+    torchrun --standalone --nproc_per_node=8 sample.py --init_from=out/hh-tr-dpo --data=data/hh --out=tr.jsonl
+
+Each output line: prompt, completion, index (of the prompt in the split), sample (0..num_samples-1), tokens, model,
+the sampling settings and, with ref=, logp_policy, logp_ref and kl = logp_policy − logp_ref, the summed log-probs of
+the exact sampled tokens (EOS included) given the prompt. Their mean is a Monte Carlo estimate of
+KL(π‖π_ref) = E_{y~π}[log π(y) − log π_ref(y)] only when y is drawn from π itself: temperature=1, top_p=1
+(top_k is always off). The log-probs are those of π, not of the tempered or truncated distribution q the samples
+came from, so otherwise the mean is E_{y~q}[log π(y) − log π_ref(y)]: a usable x-axis, but not a KL. Completions cut
+at max_new_tokens make it the KL between the distributions of the first max_new_tokens tokens (a lower bound).
+
+Batches are formed globally (batch i is the i-th slice of the prompts, each repeated num_samples times) and each is
+seeded from (seed, i), so a sample does not depend on the number of processes or on resuming. Under torchrun, rank r
+runs batches r, r+world, ...; every rank appends to its own out.part<r> file, and rank 0 merges them in prompt order.
+An interrupted run is continued: batches already in out or in any part file are not sampled again.
 """
+import hashlib
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from train_tr import load_pairs, parse_overrides, resolve_device, tokenize_prompt
+from train_tr import collate, load_model, load_pairs, parse_overrides, sequence_logps, setup_distributed, \
+    tokenize_prompt
 
 defaults = dict(
     init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name
+    ref='',                 # reference (usually the SFT model) for logp_ref and kl; '' = none
     data='data/tiny',       # any data source train_tr.py accepts
     split='test',
-    num_prompts=8,          # the first this many usable prompts of the split
+    num_prompts=0,          # the first this many usable prompts of the split; 0 = all
+    num_samples=1,          # completions per prompt
+    max_prompt_length=64,   # a prompt keeps its last this many tokens, as in training
     max_new_tokens=64,
     temperature=1.0,        # 0 = greedy
     top_p=1.0,
-    batch_size=8,
+    batch_size=8,           # sequences per generate call (must stay the same when resuming)
     seed=1337,
     device='auto',
-    out='',                 # JSONL output path; '' prints the samples
+    out='',                 # JSONL output path; '' prints the samples (one process only)
 )
+hf_logging.disable_progress_bar()  # the "Loading weights" bars
+SETTINGS = ('model', 'ref', 'data', 'split', 'temperature', 'top_p', 'max_new_tokens', 'max_prompt_length', 'seed',
+            'batch_size')  # written on every line; resuming needs them unchanged
 
 
 def left_pad(sequences, pad_id):
@@ -37,37 +64,112 @@ def left_pad(sequences, pad_id):
     return input_ids, attention_mask
 
 
-def sample(cfg):
-    device = resolve_device(cfg['device'])
-    torch.manual_seed(cfg['seed'])
-    tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
-    model = AutoModelForCausalLM.from_pretrained(cfg['init_from']).to(device).eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = load_pairs(cfg['data'], cfg['split'], tokenizer, need_rejected=False)
-    prompts = [prompt for prompt, _, _ in pairs[:cfg['num_prompts']]]
-    settings = dict(do_sample=True, temperature=cfg['temperature'], top_p=cfg['top_p']) if cfg['temperature'] > 0 \
-        else dict(do_sample=False)
+def generate(model, prompt_ids, pad_id, eos_id, max_new_tokens, temperature=0.0, top_p=1.0):
+    """Completion ids of each prompt, cut after the first EOS (which is kept) or at max_new_tokens."""
+    input_ids, attention_mask = left_pad(prompt_ids, pad_id)
+    device = next(model.parameters()).device
+    # top_k=0 and repetition_penalty=1 override transformers' default top_k=50 and any checkpoint setting, so that
+    # temperature=1, top_p=1 samples from π itself
+    settings = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0) \
+        if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, **settings)
+    completions = []
+    for ids in output[:, input_ids.shape[1]:].tolist():
+        completions.append(ids[:ids.index(eos_id) + 1] if eos_id in ids else ids)
+    return completions
+
+
+def read_jsonl(path):
+    """The complete JSON lines of a file (a line cut short by a kill is left out); [] if it does not exist."""
+    if not Path(path).exists():
+        return []
     rows = []
-    for start in tqdm(range(0, len(prompts), cfg['batch_size']), desc='sampling'):
-        batch = prompts[start:start + cfg['batch_size']]
-        input_ids, attention_mask = left_pad([tokenize_prompt(tokenizer, p) for p in batch], pad_id)
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    max_new_tokens=cfg['max_new_tokens'], pad_token_id=pad_id,
-                                    eos_token_id=tokenizer.eos_token_id, **settings)
-        for prompt, completion in zip(batch, output[:, input_ids.shape[1]:]):
-            rows.append({'prompt': prompt, 'completion': tokenizer.decode(completion, skip_special_tokens=True),
-                         'model': cfg['init_from'], 'temperature': cfg['temperature'], 'top_p': cfg['top_p'],
-                         'max_new_tokens': cfg['max_new_tokens'], 'seed': cfg['seed']})
+    for line in Path(path).read_text().splitlines(keepends=True):
+        try:
+            rows += [json.loads(line)] if line.endswith('\n') else []
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def drop_partial_line(path):
+    """Truncates a file after its last newline, so that appending continues on a clean line."""
+    if Path(path).exists():
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[:data.rfind(b'\n') + 1])
+
+
+def sample(cfg):
+    rank, world, device = setup_distributed(cfg['device'])
+    if not cfg['out'] and world > 1:
+        raise SystemExit('error: torchrun needs out= (each rank writes a part file)')
+    tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    policy = load_model(cfg['init_from']).to(device).eval()
+    ref = load_model(cfg['ref']).to(device).eval() if cfg['ref'] else None
+    pairs = load_pairs(cfg['data'], cfg['split'], tokenizer, need_rejected=False, verbose=rank == 0)
+    prompts = [prompt for prompt, _, _ in pairs[:cfg['num_prompts'] or None]]
+    items = [(i, j) for i in range(len(prompts)) for j in range(cfg['num_samples'])]
+    batches = [items[start:start + cfg['batch_size']] for start in range(0, len(items), cfg['batch_size'])]
+    settings = dict(model=cfg['init_from'], ref=cfg['ref'], **{k: cfg[k] for k in SETTINGS[2:]})
+
+    out, part = Path(cfg['out'] or os.devnull), Path(f"{cfg['out']}.part{rank}")
+    done = {}  # (index, sample) -> row, from a finished or interrupted earlier run with any number of processes
+    for path in [out, *out.parent.glob(f'{out.name}.part*')] if cfg['out'] else []:
+        for row in read_jsonl(path):
+            if {k: row.get(k) for k in SETTINGS} != settings:
+                raise SystemExit(f'error: {path} was sampled with other settings; use another out= or delete it')
+            done[row['index'], row['sample']] = row
+    todo = [(b, batch) for b, batch in enumerate(batches) if b % world == rank and any(i not in done for i in batch)]
     if cfg['out']:
-        with open(cfg['out'], 'w') as f:
-            f.writelines(json.dumps(row) + '\n' for row in rows)
-        print(f"wrote {len(rows)} samples to {cfg['out']}")
-    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        dist.barrier()  # every rank has read the part files before any is changed
+        drop_partial_line(part)
+    rows = []
+    with open(part if cfg['out'] else os.devnull, 'a') as f:
+        for b, batch in tqdm(todo, desc='sampling', disable=rank != 0, dynamic_ncols=True):
+            # the seed of a batch depends only on (seed, batch number), not on the rank or on what ran before; hashed,
+            # because the CPU generator keeps only the low 32 bits of a seed
+            torch.manual_seed(int.from_bytes(hashlib.sha256(f"{cfg['seed']}/{b}".encode()).digest()[:8], 'little'))
+            prompt_ids = [tokenize_prompt(tokenizer, prompts[i])[-cfg['max_prompt_length']:] for i, _ in batch]
+            completions = generate(policy, prompt_ids, pad_id, tokenizer.eos_token_id, cfg['max_new_tokens'],
+                                   cfg['temperature'], cfg['top_p'])
+            batch_rows = [dict(prompt=prompts[i], completion=tokenizer.decode(c, skip_special_tokens=True), index=i,
+                               sample=j, tokens=len(c), **settings) for (i, j), c in zip(batch, completions)]
+            if ref is not None:  # the exact sampled ids, scored by the trainer's log-prob code
+                input_ids, labels = collate(list(zip(prompt_ids, completions)), pad_id)
+                with torch.no_grad():
+                    logps = [sequence_logps(m, input_ids.to(device), labels.to(device))[0].tolist()
+                             for m in (policy, ref)]
+                for row, lp, lr in zip(batch_rows, *logps):
+                    row.update(logp_policy=lp, logp_ref=lr, kl=lp - lr)
+            f.writelines(json.dumps(row) + '\n' for row in batch_rows)
+            f.flush()
+            rows += batch_rows
+    if not cfg['out']:
         for row in rows:
             print(f"{row['prompt']}\033[1m{row['completion']}\033[0m\n{'-' * 40}")
+        return rows
+    dist.barrier()
+    if rank == 0:  # merge: every (index, sample) from the old output and all part files, in prompt order
+        parts = list(out.parent.glob(f'{out.name}.part*'))
+        for path in [out, *parts]:
+            done.update({(row['index'], row['sample']): row for row in read_jsonl(path)})
+        rows = [done[item] for item in items]
+        tmp = out.with_name(out.name + '.tmp')
+        tmp.write_text(''.join(json.dumps(row) + '\n' for row in rows))
+        os.replace(tmp, out)
+        for path in parts:
+            path.unlink()
+        kls = [row['kl'] for row in rows if 'kl' in row]
+        kl_note = f', mean kl {sum(kls) / len(kls):.4f} nats' if kls else ''
+        print(f'wrote {len(rows)} samples of {len(prompts)} prompts to {out}{kl_note}')
+    dist.barrier()
     return rows
 
 
 if __name__ == '__main__':
     sample(parse_overrides(sys.argv[1:], defaults))
+    dist.destroy_process_group()

@@ -1,0 +1,114 @@
+"""sample.py on the tiny shipped models: determinism under a seed, left-padded batches, the log-probs behind the KL
+estimate (exact ids, KL of a model against itself = 0), resuming, and 2 processes writing what 1 process writes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+import sample
+from train_tr import load_model, load_pairs, tokenize_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+SFT, BASE = str(REPO / 'data/tiny/sft'), str(REPO / 'data/tiny/base')
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and two threads slow down badly when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+def run_sample(out, **overrides):
+    """sample.sample() in this process (a 1-rank gloo group, closed afterwards); returns the rows written."""
+    cfg = {**sample.defaults, **dict(init_from=SFT, data=str(REPO / 'data/tiny'), num_prompts=6, num_samples=2,
+                                     batch_size=4, max_new_tokens=24, device='cpu', out=str(out)), **overrides}
+    try:
+        sample.sample(cfg)
+    finally:
+        dist.destroy_process_group()
+    return [json.loads(line) for line in Path(out).read_text().splitlines()]
+
+
+def test_same_seed_same_samples_other_seed_other_samples(tmp_path):
+    first, again = run_sample(tmp_path / 'a.jsonl'), run_sample(tmp_path / 'b.jsonl')
+    other = run_sample(tmp_path / 'c.jsonl', seed=7)
+    assert first == again
+    assert [r['completion'] for r in first] != [r['completion'] for r in other]
+    assert [(r['index'], r['sample']) for r in first] == [(i, j) for i in range(6) for j in range(2)]
+    assert len({r['completion'] for r in first}) > 6  # the two samples of a prompt differ: temperature 1
+    assert first[0]['model'] == SFT and first[0]['temperature'] == 1.0 and 'kl' not in first[0]
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time(tokenizer):
+    model = load_model(SFT).eval()
+    prompts = [p for p, _, _ in load_pairs(REPO / 'data/tiny', 'test', tokenizer, need_rejected=False, verbose=False)]
+    ids = [tokenize_prompt(tokenizer, p) for p in prompts[:6]]
+    assert len(set(map(len, ids))) > 1  # the batch really is padded
+    batched = sample.generate(model, ids, tokenizer.pad_token_id, tokenizer.eos_token_id, 40)
+    alone = [sample.generate(model, [x], tokenizer.pad_token_id, tokenizer.eos_token_id, 40)[0] for x in ids]
+    assert batched == alone
+    for c in batched:  # cut right after the first EOS, or at max_new_tokens
+        assert c.count(tokenizer.eos_token_id) <= 1 and (c[-1] == tokenizer.eos_token_id or len(c) == 40)
+
+
+def test_kl_of_a_model_against_itself_is_zero_and_logps_are_exact(tmp_path):
+    same = run_sample(tmp_path / 'self.jsonl', ref=SFT)
+    assert all(r['kl'] == 0.0 and r['logp_policy'] == r['logp_ref'] < 0 for r in same)
+    other = run_sample(tmp_path / 'base.jsonl', ref=BASE)
+    assert [r['logp_policy'] for r in other] == [r['logp_policy'] for r in same]  # same samples, same π
+    assert all(r['kl'] == pytest.approx(r['logp_policy'] - r['logp_ref']) for r in other)
+    assert sum(r['kl'] for r in other) / len(other) > 1.0  # samples of the SFT model are unlikely under the base
+    # logp_policy is log π of the very tokens generated: recompute greedy samples with a plain forward
+    greedy = run_sample(tmp_path / 'greedy.jsonl', ref=BASE, temperature=0.0, num_samples=1)
+    tokenizer, model = AutoTokenizer.from_pretrained(SFT), load_model(SFT).eval()
+    for row in greedy:
+        prompt = tokenize_prompt(tokenizer, row['prompt'])
+        completion = sample.generate(model, [prompt], tokenizer.pad_token_id, tokenizer.eos_token_id, 24)[0]
+        assert len(completion) == row['tokens']
+        with torch.no_grad():
+            logps = model(torch.tensor([prompt + completion])).logits[0, :-1].log_softmax(-1)
+        expected = logps[len(prompt) - 1:].gather(-1, torch.tensor(completion)[:, None]).sum()
+        assert row['logp_policy'] == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_resume_continues_and_does_not_redo(tmp_path):
+    out = tmp_path / 'samples.jsonl'
+    full = run_sample(out)
+    # as if killed: rank 0 had written 2 of its 3 batches (8 rows) and half a line of the third
+    lines = out.read_text().splitlines(keepends=True)
+    kept = [json.dumps(dict(json.loads(line), completion='KEPT')) + '\n' for line in lines[:8]]
+    Path(f'{out}.part0').write_text(''.join(kept) + lines[8][:20])
+    out.unlink()
+    resumed = run_sample(out)
+    assert [r['completion'] for r in resumed[:8]] == ['KEPT'] * 8  # continued, not redone
+    assert resumed[8:] == full[8:]  # the missing batch is sampled exactly as in the full run
+    assert not list(tmp_path.glob('*.part*'))
+    assert run_sample(out) == resumed  # a finished file stays as it is
+    with pytest.raises(SystemExit, match='other settings'):
+        run_sample(out, temperature=0.5)
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_writes(tmp_path):
+    args = [f'--init_from={SFT}', f'--ref={BASE}', '--num_prompts=10', '--num_samples=2', '--batch_size=3',
+            '--max_new_tokens=24']
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    for nproc in (1, 2):
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run',
+                                                        '--standalone', f'--nproc_per_node={nproc}']
+        proc = subprocess.run(launcher + ['sample.py', *args, f'--out={tmp_path}/{nproc}.jsonl'], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f'wrote 20 samples of 10 prompts to {tmp_path}/{nproc}.jsonl' in proc.stdout
+    one, two = (tmp_path / '1.jsonl').read_text(), (tmp_path / '2.jsonl').read_text()
+    assert one == two and len(one.splitlines()) == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['1.jsonl', '2.jsonl']  # part files merged and removed
