@@ -10,20 +10,31 @@ For a preference pair (y_w ≻ y_l) the losses are
                                                             log-ratios as in TRL (ipo_normalize=False: summed)
     kto  [λ_D·(1−σ(β(ρ_w−z))) + λ_U·(1−σ(β(z−ρ_l)))] / 2      KTO (Ethayarajh et al. 2024): chosen are desirable,
          z = max(0, mean ρ(y'|x) over mismatched pairs)      rejected undesirable; z detached, averaged over ranks
+Reward-model distillation (Fisch et al. 2024). A Bradley–Terry reward model r(x, y) is trained with
+    rm        −log σ(r(y_w) − r(y_l)) + c·(r(y_w) + r(y_l))²  (c = rm_center_coef, TRL / Eisenstein et al. 2023)
+pairs are labelled with k reward models (judge.py mode=label: Δr_i = r_i(y_w) − r_i(y_l)), and with the implicit
+reward margin m = β(ρ_w − ρ_l) and KL = −(ρ_w + ρ_l)/2, an estimate of KL(π_ref‖π_θ) on the dataset responses:
+    distill   (m − Δr)²                                  d-DPO; Δr = Δr_1, or the ensemble mean (distill_reduce)
+    edistill  min_i (m − Δr_i)² + γ·KL                   e-DPO: pessimistic over k reward models; γ = pessimism_gamma
+    pdpo      dpo + γ·KL                                 p-DPO
 Trust region (TR-DPO / TR-IPO / TR-KTO; Gorbatovski, Shaposhnikov et al., ICLR 2025, §3): the loss is unchanged, only
 π_ref moves. After optimizer step k, when k % τ == 0:
     soft   θ_ref ← α·θ + (1−α)·θ_ref        (ref_update=soft, tr_alpha=α, tr_tau=τ; τ=1 mixes every step)
     hard   θ_ref ← θ                        (ref_update=hard, tr_tau=τ)
-With α=0 or ref_update=none this is plain DPO/IPO/KTO against the fixed initial (SFT) model.
+With α=0 or ref_update=none this is plain DPO/IPO/KTO against the fixed initial (SFT) model. The update works the
+same for distill, edistill and pdpo (trust-region distillation, a combination neither paper ran).
 
 Run:
     python train_tr.py                                   # TR-DPO on the tiny data in data/tiny, CPU, ~15 s
     python train_tr.py --loss=ipo --ref_update=hard --tr_tau=16
+    python train_tr.py --loss=rm --out_dir=out/rm                        # a reward model; judge.py labels pairs
+    python train_tr.py --loss=edistill --data=data/tiny_rm               # distillation from the labelled pairs
     torchrun --standalone --nproc_per_node=8 train_tr.py config.py --data=data/hh --init_from=EleutherAI/pythia-2.8b
 Every setting below can be overridden with --key=value, or by a Python config file of `key = value` lines.
 """
 import copy
 import json
+import math
 import os
 import resource
 import shutil
@@ -61,12 +72,16 @@ data = 'data/tiny'              # .jsonl/.json/.parquet file, a folder with trai
 max_length = 128                # prompt + response tokens
 max_prompt_length = 64          # the prompt keeps its last this many tokens when a pair is too long
 # loss
-loss = 'dpo'                    # sft | dpo | ipo | kto
+loss = 'dpo'                    # sft | rm | dpo | ipo | kto | distill | edistill | pdpo
 beta = 0.1                      # KL strength β (TR-DPO paper: 0.05 on HH and TL;DR)
 label_smoothing = 0.0           # dpo: assumed label-noise rate ε (cDPO); 0 = DPO
 ipo_normalize = True            # ipo: per-token averaged log-ratios (TRL); False = summed
 kto_desirable_weight = 1.0      # kto: λ_D
 kto_undesirable_weight = 1.0    # kto: λ_U
+rm_center_coef = 0.0            # rm: weight c of the reward-centring term c·(r_w + r_l)² (TRL suggests 0.01)
+distill_reduce = 'first'        # distill: target margin of the first reward model, or 'mean' over the ensemble
+edistill_min = 'example'        # edistill: min over reward models per pair, or 'batch': of the global micro-batch mean
+pessimism_gamma = 0.1           # edistill, pdpo: γ, weight of the KL(π_ref‖π_θ) term (ours; the paper tunes it)
 # trust region
 ref_update = 'soft'             # none | soft | hard
 tr_alpha = 0.6                  # soft: weight of the policy in the mix (paper: 0.6)
@@ -87,7 +102,8 @@ peak_flops = 989e12             # per-device peak for MFU (H100 dense bf16)
 seed = 1337
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
-LOSSES = ('sft', 'dpo', 'ipo', 'kto')
+LOSSES = ('sft', 'rm', 'dpo', 'ipo', 'kto', 'distill', 'edistill', 'pdpo')
+REWARD_LABELLED = ('distill', 'edistill')  # losses that read reward_chosen/reward_rejected from the data
 REF_UPDATES = ('none', 'soft', 'hard')
 
 
@@ -144,6 +160,9 @@ def check_config(cfg):
          'batch_size, grad_accum and max_iters must be >= 1')
     need(cfg['eval_interval'] >= 1 and cfg['log_interval'] >= 1, 'eval_interval and log_interval must be >= 1')
     need(cfg['dtype'] in ('auto', 'float32', 'bfloat16'), 'dtype must be auto, float32 or bfloat16')
+    need(cfg['distill_reduce'] in ('first', 'mean'), 'distill_reduce must be first or mean')
+    need(cfg['edistill_min'] in ('example', 'batch'), 'edistill_min must be example or batch')
+    need(cfg['pessimism_gamma'] >= 0 and cfg['rm_center_coef'] >= 0, 'pessimism_gamma and rm_center_coef must be >= 0')
 
 
 # -----------------------------------------------------------------------------
@@ -251,9 +270,28 @@ def render_row(row, tokenizer, need_rejected=True):
     return prompt_text, texts[0], texts[1] if len(texts) == 2 else None
 
 
-def load_pairs(source, split, tokenizer, need_rejected=True, verbose=True, required=True):
-    """Rendered (prompt, chosen, rejected) texts of a split, bad rows skipped and counted. A missing split is an
-    error, or None when not required (the held-out split)."""
+def reward_margins(row, name, index, k):
+    """Δr_i = reward_chosen[i] − reward_rejected[i] of a labelled row (a number counts as a list of one). Rows are
+    never skipped for their rewards: a missing or malformed label stops the run, naming the row."""
+    where = f'{name} row {index + 1}'
+    if 'reward_chosen' not in row or 'reward_rejected' not in row:
+        raise SystemExit(f'error: {where} has no reward_chosen/reward_rejected; distillation losses train on pairs '
+                         'labelled by reward models (python judge.py --mode=label)')
+    chosen, rejected = (r if isinstance(r, list) else [r] for r in (row['reward_chosen'], row['reward_rejected']))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in chosen + rejected) \
+            or not chosen or len(chosen) != len(rejected):
+        raise SystemExit(f'error: {where}: reward_chosen and reward_rejected must be lists of numbers of equal length')
+    if k is not None and len(chosen) != k:
+        raise SystemExit(f'error: {where} has {len(chosen)} rewards per response, earlier rows have {k}')
+    if not all(map(math.isfinite, chosen + rejected)):
+        raise SystemExit(f'error: {where} has a NaN or infinite reward')
+    return tuple(float(c) - float(r) for c, r in zip(chosen, rejected))
+
+
+def load_pairs(source, split, tokenizer, need_rejected=True, verbose=True, required=True, need_rewards=False):
+    """Rendered (prompt, chosen, rejected) texts of a split, bad rows skipped and counted; with need_rewards, each
+    pair also carries its reward-model margins (Δr_1, ..., Δr_k). A missing split is an error, or None when not
+    required (the held-out split)."""
     rows, name = read_rows(source, split)
     if rows is None:
         if required:
@@ -261,10 +299,12 @@ def load_pairs(source, split, tokenizer, need_rejected=True, verbose=True, requi
                              "(a data/<name> folder is filled by its prepare.py)")
         return None
     pairs, skipped = [], {}
-    for row in rows:
+    for index, row in enumerate(rows):
         result = render_row(row, tokenizer, need_rejected)
         if isinstance(result, str):
             skipped[result] = skipped.get(result, 0) + 1
+        elif need_rewards:
+            pairs.append((*result, reward_margins(row, name, index, len(pairs[0][3]) if pairs else None)))
         else:
             pairs.append(result)
     if verbose:
@@ -317,8 +357,9 @@ def collate(sequences, pad_id):
 
 def make_batch(pairs, tokenizer, loss_name, max_length, max_prompt_length, device='cpu'):
     """One micro-batch: sequences laid out [chosen; rejected] (sft: chosen only), plus for KTO each prompt paired
-    with the next pair's chosen response, the mismatched (x, y') pairs that estimate the KL baseline z."""
-    tokenized = [tokenize_pair(tokenizer, *pair, max_length, max_prompt_length) for pair in pairs]
+    with the next pair's chosen response, the mismatched (x, y') pairs that estimate the KL baseline z, and for
+    labelled pairs their reward margins [n, k]."""
+    tokenized = [tokenize_pair(tokenizer, *pair[:3], max_length, max_prompt_length) for pair in pairs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sequences = [(t[0], t[1]) for t in tokenized] + [(t[0], t[2]) for t in tokenized if loss_name != 'sft']
     batch = dict(zip(('input_ids', 'labels'), collate(sequences, pad_id)))
@@ -327,6 +368,8 @@ def make_batch(pairs, tokenizer, loss_name, max_length, max_prompt_length, devic
         mismatched = [truncate(t[0], [tokenized[(i + 1) % len(tokenized)][1]], max_length, max_prompt_length)
                       for i, t in enumerate(tokenized)]
         batch['kl_input_ids'], batch['kl_labels'] = collate([(p, r) for p, (r,) in mismatched], pad_id)
+    if len(pairs[0]) == 4:
+        batch['reward_margins'] = torch.tensor([pair[3] for pair in pairs])
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -347,14 +390,23 @@ def step_pair_indices(n_pairs, it, batch_size, seed):
 
 # -----------------------------------------------------------------------------
 # models: policy and reference are the same architecture, sharded identically, both with fp32 master weights
-def load_model(name):
-    """An HF causal LM in float32 with dropout off (the loss compares policy and reference forwards exactly)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_model(name, reward_model=False):
+    """An HF causal LM in float32 with dropout off (the loss compares policy and reference forwards exactly), or with
+    reward_model=True a sequence classifier with one output, the Bradley–Terry reward r(x, y). From a causal-LM
+    checkpoint (the SFT model) its score head starts at random, seeded by torch.manual_seed."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     config = AutoConfig.from_pretrained(name)
     for key, value in config.to_dict().items():
         if ('dropout' in key or 'pdrop' in key) and isinstance(value, float):
             setattr(config, key, 0.0)
-    return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+    if not reward_model:
+        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+    # The classifier reads its score at the last token that is not config.pad_token_id: make that the token
+    # make_batch pads with (the tokenizer's pad, else EOS), whatever a hub config says.
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config.num_labels = 1
+    return AutoModelForSequenceClassification.from_pretrained(name, config=config, dtype=torch.float32)
 
 
 def shard_model(model, mesh, mp_policy, reshard_root):
@@ -385,6 +437,12 @@ def sequence_logps(model, input_ids, labels):
     return (logps * mask).sum(-1), mask.sum(-1)
 
 
+def sequence_rewards(reward_model, input_ids):
+    """Reward of each right-padded row: the score head at its last non-padding token (the EOS that ends the
+    response, or the token before it when padding is EOS), as transformers' sequence classifiers pool."""
+    return reward_model(input_ids=input_ids).logits[:, 0].float()
+
+
 # -----------------------------------------------------------------------------
 # losses
 def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss='dpo', beta=0.1,
@@ -406,6 +464,32 @@ def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, lo
     raise ValueError(f'unknown preference loss {loss!r}')
 
 
+def reward_model_loss(reward_chosen, reward_rejected, center_coef=0.0):
+    """Bradley–Terry, per pair: −log σ(r_w − r_l), plus c·(r_w + r_l)², which pins the offset that the likelihood
+    leaves free (TRL's center_rewards_coefficient, Eisenstein et al. 2023)."""
+    return -F.logsigmoid(reward_chosen - reward_rejected) + center_coef * (reward_chosen + reward_rejected) ** 2
+
+
+def distillation_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, reward_margins, loss='distill',
+                      beta=0.1, distill_reduce='first', edistill_min='example'):
+    """Per-pair squared distance of the implicit reward margin m = β(ρ_w − ρ_l) to the reward models' margins
+    Δr [n, k]. d-DPO regresses m on one Δr: a finite target where DPO's pushes m to infinity (Fisch et al. 2024).
+    e-DPO keeps, of the k reward models, the one closest to the policy: the policy need only agree with some
+    plausible reward model, and the γ·KL term added by batch_loss pulls it toward π_ref, so it moves only as far as
+    the most conservative member of the family allows (the pessimism; our reading of the paper, see README)."""
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    if loss == 'distill':
+        target = reward_margins.mean(-1) if distill_reduce == 'mean' else reward_margins[:, 0]
+        return (margin - target) ** 2
+    errors = (margin[:, None] - reward_margins) ** 2
+    if edistill_min == 'example':
+        return errors.min(-1).values
+    # 'batch': min_i of the mean error over the global micro-batch; the argmin is picked without gradient
+    totals = errors.detach().sum(0)
+    dist.all_reduce(totals)
+    return errors[:, totals.argmin()]
+
+
 def kto_kl_baseline(policy, ref, batch):
     """KTO's z: mean log-ratio of mismatched (x, y') pairs, averaged over ranks, clamped at 0; no gradient."""
     with torch.no_grad():
@@ -424,22 +508,43 @@ def loss_denominator(batch, loss_name):
 
 def batch_loss(policy, ref, batch, cfg):
     """(Σ of per-pair losses, or Σ token NLL for sft; dict of per-pair metric values) for one micro-batch."""
+    if cfg['loss'] == 'rm':
+        rewards = sequence_rewards(policy, batch['input_ids'])
+        n = len(rewards) // 2
+        margins = (rewards[:n] - rewards[n:]).detach()
+        losses = reward_model_loss(rewards[:n], rewards[n:], cfg['rm_center_coef'])
+        return losses.sum(), {'accuracy': (margins > 0).float(), 'margin': margins}
     policy_logps, response_tokens = sequence_logps(policy, batch['input_ids'], batch['labels'])
     if cfg['loss'] == 'sft':
         return -policy_logps.sum(), {'logps/chosen': policy_logps.detach()}
     with torch.no_grad():
         ref_logps = sequence_logps(ref, batch['input_ids'], batch['labels'])[0]
     n = len(policy_logps) // 2
+    logps = policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:]
     kto_z = kto_kl_baseline(policy, ref, batch) if cfg['loss'] == 'kto' else None
-    losses = preference_loss(policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:], cfg['loss'],
-                             cfg['beta'], cfg['label_smoothing'], response_tokens[:n], response_tokens[n:],
-                             cfg['ipo_normalize'], kto_z, cfg['kto_desirable_weight'], cfg['kto_undesirable_weight'])
-    rewards = cfg['beta'] * (policy_logps - ref_logps).detach()
+    if cfg['loss'] in REWARD_LABELLED:
+        losses = distillation_loss(*logps, batch['reward_margins'], cfg['loss'], cfg['beta'], cfg['distill_reduce'],
+                                   cfg['edistill_min'])
+    else:
+        losses = preference_loss(*logps, 'dpo' if cfg['loss'] == 'pdpo' else cfg['loss'], cfg['beta'],
+                                 cfg['label_smoothing'], response_tokens[:n], response_tokens[n:],
+                                 cfg['ipo_normalize'], kto_z, cfg['kto_desirable_weight'],
+                                 cfg['kto_undesirable_weight'])
+    rho = policy_logps - ref_logps
+    rewards = cfg['beta'] * rho.detach()
     metrics = {'rewards/chosen': rewards[:n], 'rewards/rejected': rewards[n:],
                'rewards/accuracies': (rewards[:n] > rewards[n:]).float(), 'rewards/margins': rewards[:n] - rewards[n:],
                'logps/chosen': policy_logps[:n].detach(), 'logps/rejected': policy_logps[n:].detach()}
     if kto_z is not None:
         metrics['kl'] = kto_z.expand(n)
+    if 'reward_margins' in batch:
+        metrics['rewards/rm_margins'] = batch['reward_margins'].mean(-1)  # the target, averaged over reward models
+    if cfg['loss'] in ('edistill', 'pdpo'):
+        # KL(π_ref‖π_θ) = E_{y∼π_ref}[logπ_ref(y) − logπ_θ(y)], the dataset responses taken as samples of π_ref:
+        # −(ρ_w + ρ_l)/2 per pair. Its gradient is that of the policy's NLL on the responses, whatever π_ref is.
+        forward_kl = -(rho[:n] + rho[n:]) / 2
+        losses = losses + cfg['pessimism_gamma'] * forward_kl
+        metrics['forward_kl'] = forward_kl.detach()
     return losses.sum(), metrics
 
 
@@ -558,9 +663,10 @@ def train(cfg):
     tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
-    need_rejected = cfg['loss'] != 'sft'
-    train_pairs = load_pairs(cfg['data'], 'train', tokenizer, need_rejected, verbose=master)
-    eval_pairs = load_pairs(cfg['data'], 'test', tokenizer, need_rejected, verbose=master, required=False)
+    need_rejected, need_rewards = cfg['loss'] != 'sft', cfg['loss'] in REWARD_LABELLED
+    train_pairs = load_pairs(cfg['data'], 'train', tokenizer, need_rejected, verbose=master, need_rewards=need_rewards)
+    eval_pairs = load_pairs(cfg['data'], 'test', tokenizer, need_rejected, verbose=master, required=False,
+                            need_rewards=need_rewards)
 
     # models: policy and reference with fp32 master weights. A bf16 reference would round small soft updates
     # away (a change under half an ulp vanishes); fp32 costs 4 bytes per parameter per GPU, divided by the FSDP world.
@@ -568,9 +674,9 @@ def train(cfg):
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if compute_dtype == 'bfloat16' else MixedPrecisionPolicy()
     mesh = dist.device_mesh.init_device_mesh(device.type, (world,))
-    policy = load_model(cfg['init_from'])
+    policy = load_model(cfg['init_from'], reward_model=cfg['loss'] == 'rm')
     ref = None
-    if cfg['loss'] != 'sft':
+    if cfg['loss'] not in ('sft', 'rm'):
         ref = load_model(cfg['ref_from']) if cfg['ref_from'] else copy.deepcopy(policy)  # before any sharding
         ref.requires_grad_(False).eval()
         shard_model(ref, mesh, mp_policy, reshard_root=True)  # root gathered only during its forward
@@ -657,8 +763,8 @@ def train(cfg):
             if device.type == 'cuda':  # policy forward+backward 6N, reference forward 2N FLOPs per token
                 record['mfu'] = (6 + 2 * (ref is not None)) * n_params * tokens / dt / (world * cfg['peak_flops'])
             log(record)
-            bar.set_postfix({k.split('/')[-1]: f'{record[k]:.3f}' for k in ('loss', 'rewards/accuracies',
-                                                                           'rewards/margins') if k in record})
+            bar.set_postfix({k.split('/')[-1]: f'{record[k]:.3f}' for k in ('loss', 'rewards/accuracies', 'accuracy',
+                                                                           'rewards/margins', 'margin') if k in record})
         if step % cfg['eval_interval'] == 0 or step == cfg['max_iters']:
             eval_and_save(step)
     if master:
