@@ -16,8 +16,8 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from sample import drop_partial_line, generate, read_jsonl  # importing sample also hides the "Loading weights" bars
-from train_tr import collate, load_model, parse_overrides, read_rows, render_row, resolve_device, sequence_rewards, \
-    tokenize_pair, tokenize_prompt
+from train_tr import collate, load_model, padding_id, parse_overrides, read_rows, render_row, resolve_device, \
+    sequence_rewards, tokenize_pair, tokenize_prompt
 
 defaults = dict(
     mode='pairwise',        # pairwise | criteria | reward | label
@@ -88,10 +88,9 @@ def hf_answers(prompts, cfg):
     if tokenizer.chat_template:
         prompts = [tokenizer.apply_chat_template([{'role': 'user', 'content': p}], tokenize=False,
                                                  add_generation_prompt=True) for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(prompts), cfg['batch_size']):
         chunk = [tokenize_prompt(tokenizer, p) for p in prompts[start:start + cfg['batch_size']]]
-        for ids in generate(model, chunk, pad_id, tokenizer.eos_token_id, cfg['max_tokens']):
+        for ids in generate(model, chunk, padding_id(tokenizer), tokenizer.eos_token_id, cfg['max_tokens']):
             yield tokenizer.decode(ids, skip_special_tokens=True)
 
 

@@ -32,8 +32,8 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from train_tr import collate, load_model, load_pairs, parse_overrides, sequence_logps, setup_distributed, \
-    tokenize_prompt
+from train_tr import collate, load_model, load_pairs, padding_id, parse_overrides, sequence_logps, \
+    setup_distributed, tokenize_prompt
 
 defaults = dict(
     init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name
@@ -106,7 +106,7 @@ def sample(cfg):
     if not cfg['out'] and world > 1:
         raise SystemExit('error: torchrun needs out= (each rank writes a part file)')
     tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     policy = load_model(cfg['init_from']).to(device).eval()
     ref = load_model(cfg['ref']).to(device).eval() if cfg['ref'] else None
     pairs = load_pairs(cfg['data'], cfg['split'], tokenizer, need_rejected=False, verbose=rank == 0)

@@ -355,19 +355,24 @@ def collate(sequences, pad_id):
     return input_ids, labels
 
 
+def padding_id(tokenizer):
+    """The id batches are padded with: the tokenizer's pad token, else EOS (Pythia and Llama define no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def make_batch(pairs, tokenizer, loss_name, max_length, max_prompt_length, device='cpu'):
     """One micro-batch: sequences laid out [chosen; rejected] (sft: chosen only), plus for KTO each prompt paired
     with the next pair's chosen response, the mismatched (x, y') pairs that estimate the KL baseline z, and for
     labelled pairs their reward margins [n, k]."""
     tokenized = [tokenize_pair(tokenizer, *pair[:3], max_length, max_prompt_length) for pair in pairs]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sequences = [(t[0], t[1]) for t in tokenized] + [(t[0], t[2]) for t in tokenized if loss_name != 'sft']
-    batch = dict(zip(('input_ids', 'labels'), collate(sequences, pad_id)))
+    batch = dict(zip(('input_ids', 'labels'), collate(sequences, padding_id(tokenizer))))
     batch['n_tokens'] = torch.tensor(float(sum(len(p) + len(r) for p, r in sequences)))
     if loss_name == 'kto':
         mismatched = [truncate(t[0], [tokenized[(i + 1) % len(tokenized)][1]], max_length, max_prompt_length)
                       for i, t in enumerate(tokenized)]
-        batch['kl_input_ids'], batch['kl_labels'] = collate([(p, r) for p, (r,) in mismatched], pad_id)
+        batch['kl_input_ids'], batch['kl_labels'] = collate([(p, r) for p, (r,) in mismatched],
+                                                            padding_id(tokenizer))
     if len(pairs[0]) == 4:
         batch['reward_margins'] = torch.tensor([pair[3] for pair in pairs])
     return {k: v.to(device) for k, v in batch.items()}
@@ -403,8 +408,7 @@ def load_model(name, reward_model=False):
         return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
     # The classifier reads its score at the last token that is not config.pad_token_id: make that the token
     # make_batch pads with (the tokenizer's pad, else EOS), whatever a hub config says.
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config.pad_token_id = padding_id(AutoTokenizer.from_pretrained(name))
     config.num_labels = 1
     return AutoModelForSequenceClassification.from_pretrained(name, config=config, dtype=torch.float32)
 
