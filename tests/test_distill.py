@@ -74,17 +74,13 @@ def test_edistill_one_model_equals_distill():
                        distillation_loss(*LOGPS, margins, 'distill', beta=0.5))
 
 
-def cfg_for(loss, **overrides):
-    return {**{k: getattr(train_tr, k) for k in train_tr.CONFIG_KEYS}, 'loss': loss, **overrides}
-
-
 def test_batch_loss_pessimism_term_hand_value(tiny_model, tokenizer):
     """pdpo at the reference: every ρ = 0, so the loss is log 2 per pair plus γ·0. After moving the policy, the term
     is γ·KL with KL = −(ρ_w + ρ_l)/2, checked against sequence_logps computed here."""
     pairs = [(*p, (1.0,)) for p in load_pairs(REPO / 'data/tiny', 'test', tokenizer, verbose=False)[:3]]
     batch = train_tr.make_batch(pairs, tokenizer, 'pdpo', 128, 64)
     ref = tiny_model
-    cfg = cfg_for('pdpo', pessimism_gamma=0.3, beta=0.2)
+    cfg = train_tr.get_config(['--loss=pdpo', '--pessimism_gamma=0.3', '--beta=0.2'])
     loss_sum, metrics = train_tr.batch_loss(ref, ref, batch, cfg)
     assert loss_sum.item() == pytest.approx(3 * math.log(2), abs=1e-6)
     assert metrics['forward_kl'].tolist() == [0.0, 0.0, 0.0]
