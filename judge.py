@@ -1,5 +1,7 @@
 """judge.py: evaluation of sample.py files (win rate of system A over B by an LLM judge, 1–10 criteria scores,
-reward-model scores), and reward labels for preference pairs (`train_tr.py --loss=distill`). README.md has examples."""
+reward-model scores, a known gold reward), and reward labels for preference pairs (`train_tr.py --loss=distill`).
+README.md has examples."""
+import importlib.util
 import json
 import os
 import random
@@ -20,9 +22,10 @@ from train_tr import collate, load_model, padding_id, parse_overrides, read_rows
     sequence_rewards, tokenize_pair, tokenize_prompt
 
 defaults = dict(
-    mode='pairwise',        # pairwise | criteria | reward | label
+    mode='pairwise',        # pairwise | criteria | reward | gold | label
     a='', b='',             # pairwise: sample files (sample.py output) of systems A and B; the win rate is A's
-    files='',               # criteria, reward: comma-separated sample files
+    files='',               # criteria, reward, gold: comma-separated sample files
+    gold='data/toy/prepare.py',  # gold: a Python file whose gold_reward(prompt, response) is the true reward
     template='',            # data/judge_templates/NAME.txt or a file path; '' = hh (pairwise), criteria (criteria)
     judge='http',           # http: OpenAI-compatible chat-completions endpoint | hf: local HF causal LM
     judge_model='gpt-4o',   # http: the endpoint's model name; hf: HF directory or hub name
@@ -36,7 +39,7 @@ defaults = dict(
     bootstrap=1000,         # resamples of the prompts for the 95% confidence intervals
     seed=1337,              # response order shown to the judge, and the bootstrap
     reward_models='',       # reward, label: comma-separated HF reward models (sequence classifiers, one output)
-    data='data/tiny',       # label: every split of this train_tr.py data source
+    data='data/toy',        # label: every split of this train_tr.py data source
     batch_size=16,
     max_length=128, max_prompt_length=64,  # reward models: tokens of prompt + response, truncated as in training
     device='auto',
@@ -184,12 +187,20 @@ def rewards(models, prompts, responses, cfg):
 
 
 def reward(cfg, template):
-    models, results = load_reward_models(cfg), []
+    """Mean score of each sample file under each reward model (mode=reward) or under the gold reward (mode=gold)."""
+    models, results, gold = load_reward_models(cfg) if cfg['mode'] == 'reward' else [], [], None
+    if cfg['mode'] == 'gold':
+        spec = importlib.util.spec_from_file_location('gold', cfg['gold'])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        gold = module.gold_reward
     for f in cfg['files'].split(','):
         rows = read_jsonl(f)
-        prompts = [r['prompt'] for r in rows]
-        scores = rewards(models, prompts, [r['completion'] for r in rows], cfg)
+        prompts, responses = [r['prompt'] for r in rows], [r['completion'] for r in rows]
+        scores = rewards(models, prompts, responses, cfg)
         means = {name: mean_ci(s, prompts, cfg) for (name, _, _), s in zip(models, scores)}
+        if gold is not None:
+            means['gold'] = mean_ci([gold(p, r) for p, r in zip(prompts, responses)], prompts, cfg)
         results.append(dict(file=f, n=len(rows), **means, kl=mean_ci([r.get('kl') for r in rows], prompts, cfg)))
     return results, None
 
@@ -230,7 +241,7 @@ def judge(cfg):
         if isinstance(value, dict):
             return '{:.3f} [{:.3f}, {:.3f}]'.format(value['mean'], *value['ci95'])
         return f'{value:.3f}' if isinstance(value, float) else 'n/a' if value is None else str(value)
-    modes = dict(pairwise=pairwise, criteria=criteria, reward=reward, label=label)
+    modes = dict(pairwise=pairwise, criteria=criteria, reward=reward, gold=reward, label=label)
     if cfg['mode'] not in modes:
         raise SystemExit(f"error: mode must be one of {', '.join(modes)}, got {cfg['mode']!r}")
     if cfg['mode'] in ('reward', 'label') and not cfg['reward_models']:

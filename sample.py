@@ -4,7 +4,7 @@ rendered and tokenized exactly as train_tr.py does; optionally with each complet
 model, so that quality can be plotted against KL from the SFT policy.
 
     python sample.py --init_from=out --num_prompts=4 --temperature=0             # print greedy completions
-    python sample.py --init_from=out --ref=data/tiny/sft --out=samples/tr.jsonl    # JSONL with logp_policy/logp_ref/kl
+    python sample.py --init_from=out --ref=data/toy/sft --out=samples/tr.jsonl     # JSONL with logp_policy/logp_ref/kl
     torchrun --standalone --nproc_per_node=8 sample.py --init_from=out/hh-tr-dpo --data=data/hh --out=tr.jsonl
 
 Each output line: prompt, completion, index (of the prompt in the split), sample (0..num_samples-1), tokens, model,
@@ -38,7 +38,7 @@ from train_tr import collate, load_model, load_pairs, padding_id, parse_override
 defaults = dict(
     init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name
     ref='',                 # reference (usually the SFT model) for logp_ref and kl; '' = none
-    data='data/tiny',       # any data source train_tr.py accepts
+    data='data/toy',        # any data source train_tr.py accepts
     split='test',
     num_prompts=0,          # the first this many usable prompts of the split; 0 = all
     num_samples=1,          # completions per prompt

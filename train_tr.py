@@ -25,10 +25,10 @@ With α=0 or ref_update=none this is plain DPO/IPO/KTO against the fixed initial
 same for distill, edistill and pdpo (trust-region distillation, a combination neither paper ran).
 
 Run:
-    python train_tr.py                                   # TR-DPO on the tiny data in data/tiny, CPU, ~15 s
+    python train_tr.py                                   # TR-DPO on the gold-reward toy in data/toy, CPU, ~30 s
     python train_tr.py --loss=ipo --ref_update=hard --tr_tau=16
     python train_tr.py --loss=rm --out_dir=out/rm                        # a reward model; judge.py labels pairs
-    python train_tr.py --loss=edistill --data=data/tiny_rm               # distillation from the labelled pairs
+    python train_tr.py --loss=edistill --data=out/labels                 # distillation from the labelled pairs
     torchrun --standalone --nproc_per_node=8 train_tr.py config.py --data=data/hh --init_from=EleutherAI/pythia-2.8b
 Every setting below can be overridden with --key=value, or by a Python config file of `key = value` lines.
 """
@@ -55,20 +55,21 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# config: defaults run TR-DPO on the tiny data that data/ ships; the README gives the paper-scale values
+# config: defaults run TR-DPO on the toy that data/toy ships (α, τ from its sweep); README gives paper-scale values
 # I/O
 out_dir = 'out'
-init_from = 'data/tiny/sft'     # policy: HF hub name or local HF directory (usually the SFT model)
+init_from = 'data/toy/sft'      # policy: HF hub name or local HF directory (usually the SFT model)
 ref_from = ''                   # reference at step 0: '' = same weights as init_from
 resume = False                  # continue the run saved in out_dir (weights, reference, optimizer, data position)
 eval_interval = 25              # evaluate and save a checkpoint every this many iterations (and at the end)
 eval_pairs = 200                # at most this many held-out pairs per evaluation
 log_interval = 5                # write a metrics.jsonl line every this many iterations
+snapshots = False               # also keep the HF model of every evaluation in out_dir/iter_N (curves over training)
 wandb_log = False               # also log to Weights & Biases (needs `pip install wandb`)
 wandb_project = 'nanotr'
 wandb_run_name = ''
 # data
-data = 'data/tiny'              # .jsonl/.json/.parquet file, a folder with train.* and test.*, or a HF dataset name
+data = 'data/toy'               # .jsonl/.json/.parquet file, a folder with train.* and test.*, or a HF dataset name
 max_length = 128                # prompt + response tokens
 max_prompt_length = 64          # the prompt keeps its last this many tokens when a pair is too long
 # loss
@@ -84,15 +85,15 @@ edistill_min = 'example'        # edistill: min over reward models per pair, or 
 pessimism_gamma = 0.1           # edistill, pdpo: γ, weight of the KL(π_ref‖π_θ) term (ours; the paper tunes it)
 # trust region
 ref_update = 'soft'             # none | soft | hard
-tr_alpha = 0.6                  # soft: weight of the policy in the mix (paper: 0.6)
-tr_tau = 10                     # update every this many optimizer steps (paper, hard update: 512)
+tr_alpha = 0.1                  # soft: weight of the policy in the mix (paper: 0.6; 0.1 from data/toy's sweep)
+tr_tau = 25                     # update every this many optimizer steps (paper, hard update: 512; toy sweep: 25)
 # optimization
 batch_size = 16                 # preference pairs per optimizer step, over all processes
 grad_accum = 1                  # micro-steps per optimizer step (each process takes batch_size/world/grad_accum pairs)
-lr = 5e-4                       # AdamW peak learning rate (paper: 1e-6 for Pythia 2.8B)
+lr = 2e-4                       # AdamW peak learning rate (paper: 1e-6 for Pythia 2.8B)
 weight_decay = 0.0
 warmup_iters = 5                # linear warm-up, then constant (as in the DPO repository)
-max_iters = 100                 # optimizer steps
+max_iters = 300                 # optimizer steps
 grad_clip = 2.0                 # max gradient norm (paper: 2); 0 disables
 # system
 device = 'auto'                 # auto | cpu | cuda
@@ -724,6 +725,10 @@ def train(cfg):
             if master:
                 tqdm.write(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()))
         save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
+        if cfg['snapshots'] and master:  # the policy files only: a snapshot is for sampling, not for resuming
+            shutil.copytree(out_dir, out_dir / f'iter_{it}', dirs_exist_ok=True,
+                            ignore=lambda d, names: [n for n in names if n in ('state.pt', 'metrics.jsonl')
+                                                     or n.startswith(('iter_', '.tmp'))])
 
     ref_updates = start_iter // cfg['tr_tau'] if cfg['ref_update'] != 'none' and ref is not None else 0
     bar = tqdm(range(start_iter, cfg['max_iters']), initial=start_iter, total=cfg['max_iters'], disable=not master,

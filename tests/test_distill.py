@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_train import REPO, SMALL, assert_same_weights, final_state, run
+from test_train import REPO, SMALL, TINY, assert_same_weights, final_state, run
 
 import train_tr
 from train_tr import distillation_loss, load_pairs, reward_model_loss, step_pair_indices
@@ -146,7 +146,7 @@ def test_scalar_rewards_count_as_lists_of_one(tmp_path, tokenizer):
 def test_distill_on_unlabelled_data_stops_before_training(tmp_path):
     proc, records = run(tmp_path / 'out', *SMALL, '--loss=distill', check=False)
     assert proc.returncode != 0 and not records
-    assert 'data/tiny/train.jsonl row 1 has no reward_chosen/reward_rejected' in proc.stderr
+    assert 'data/toy/train.jsonl row 1 has no reward_chosen/reward_rejected' in proc.stderr
     assert 'judge.py --mode=label' in proc.stderr
 
 
@@ -187,7 +187,7 @@ def test_distill_regresses_margins_toward_target(tmp_path):
     data = write_labelled(tmp_path / 'data', edit=lambda split, rows: [
         r.update(reward_chosen=[1.0], reward_rejected=[-1.0]) for r in rows])
     _, records = run(tmp_path / 'out', *SMALL, '--loss=distill', f'--data={data}', '--max_iters=40', '--beta=0.5',
-                     '--lr=3e-4', '--ref_update=none', '--batch_size=8')
+                     '--lr=3e-4', '--ref_update=none', '--batch_size=8', '--init_from=data/tiny/sft')
     assert records[0]['loss'] == pytest.approx(4.0, abs=1e-5)
     last = records[-10:]
     assert sum(r['loss'] for r in last) / 10 < 3.0
@@ -239,8 +239,8 @@ def test_reward_model_learns_the_rule_and_loads_with_from_pretrained(tmp_path):
     """data/tiny's chosen responses follow a rule (correct arithmetic, sorting, counting, politeness). A reward model
     trained from the tiny SFT model ranks held-out pairs far above chance, and loads as a sequence classifier."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    _, records = run(tmp_path, '--loss=rm', '--max_iters=60', '--lr=1e-3', '--log_interval=10', '--eval_interval=60',
-                     '--eval_pairs=192')
+    _, records = run(tmp_path, *TINY, '--loss=rm', '--max_iters=60', '--lr=1e-3', '--log_interval=10',
+                     '--eval_interval=60', '--eval_pairs=192')
     evals = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines() if 'eval/loss' in line]
     assert records[0]['loss'] > records[-1]['loss'] and {'accuracy', 'margin'} <= set(records[0])
     assert evals[-1]['eval/accuracy'] > 0.7

@@ -1,5 +1,6 @@
-"""End-to-end runs of train_tr.py in subprocesses (1 process, and 2 processes under torchrun with gloo), on the tiny
-model and data that data/tiny ships. Invariants from the papers' math, plus distributed agreement and exact resume."""
+"""End-to-end runs of train_tr.py in subprocesses (1 process, and 2 processes under torchrun with gloo), on the toy
+SFT model and pairs that data/toy ships (the defaults). Invariants from the papers' math, plus distributed agreement
+and exact resume."""
 import json
 import math
 import os
@@ -12,6 +13,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ['--batch_size=4', '--max_iters=4', '--log_interval=1', '--eval_interval=1000', '--eval_pairs=8']
+# the rule-based fixture set: its chosen responses are learnably better (the toy's labels are noisy draws)
+TINY = ['--init_from=data/tiny/sft', '--data=data/tiny', '--lr=5e-4']
 
 
 def run(out_dir, *args, nproc=1, check=True):
@@ -40,7 +43,7 @@ def assert_same_weights(a, b, atol=0.0):
 
 
 def test_dpo_starts_at_ln2_and_learns(tmp_path):
-    _, records = run(tmp_path, *SMALL, '--max_iters=12', '--ref_update=none')
+    _, records = run(tmp_path, *SMALL, *TINY, '--max_iters=12', '--ref_update=none')
     first = records[0]
     assert first['loss'] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
     assert first['rewards/chosen'] == 0 and first['rewards/margins'] == 0
@@ -94,7 +97,7 @@ def test_soft_update_moves_reference_by_the_formula(tmp_path, tau):
     assert records[-1]['ref_updates'] == 1
     state = final_state(tmp_path)
     from safetensors.torch import load_file
-    initial = load_file(REPO / 'data/tiny/sft/model.safetensors')
+    initial = load_file(REPO / 'data/toy/sft/model.safetensors')
     expected = {k: 0.25 * state['policy'][k] + 0.75 * initial[k] for k in initial}
     assert_same_weights({k: state['ref'][k] for k in initial}, expected, atol=1e-6)  # lerp rounds differently by 1 ulp
 
@@ -160,7 +163,7 @@ def test_checkpoint_loads_with_from_pretrained(tmp_path):
 
 
 def test_sft_trains_without_reference(tmp_path):
-    _, records = run(tmp_path, *SMALL, '--loss=sft', '--max_iters=6', '--lr=1e-2', '--init_from=data/tiny/base')
+    _, records = run(tmp_path, *SMALL, '--loss=sft', '--max_iters=6', '--lr=1e-2', '--init_from=data/toy/base')
     assert records[-1]['loss'] < records[0]['loss']
     assert 'rewards/chosen' not in records[0]
     assert final_state(tmp_path)['ref'] is None
@@ -193,9 +196,21 @@ def test_some_bad_rows_are_skipped_and_counted(tmp_path):
 
 @pytest.mark.slow
 def test_default_run(tmp_path):
-    """`python train_tr.py` with no arguments: TR-DPO on data/tiny from the shipped SFT model."""
+    """`python train_tr.py` with no arguments: TR-DPO on the toy from the shipped SFT model. Its samples score a higher
+    gold reward than the SFT model's (sample.py and judge.py --mode=gold, as data/toy/grid.py measures)."""
+    import train_tr
     proc, records = run(tmp_path)
     evals = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines() if 'eval/loss' in line]
-    assert records[-1]['iter'] == 100 and records[-1]['ref_updates'] == 10
-    assert evals[-1]['eval/rewards/accuracies'] > 0.6
-    assert (tmp_path / 'model.safetensors').exists()
+    assert records[-1]['iter'] == train_tr.max_iters == 300
+    assert records[-1]['ref_updates'] == train_tr.max_iters // train_tr.tr_tau
+    assert evals[-1]['eval/rewards/accuracies'] > 0.6 and evals[-1]['eval/loss'] < math.log(2)
+    gold = {}
+    for name, model in (('sft', 'data/toy/sft'), ('policy', tmp_path)):
+        samples = tmp_path / f'{name}.jsonl'
+        subprocess.run([sys.executable, 'sample.py', f'--init_from={model}', '--ref=data/toy/sft', '--num_samples=2',
+                        '--batch_size=64', f'--out={samples}'], cwd=REPO, check=True, capture_output=True)
+        subprocess.run([sys.executable, 'judge.py', '--mode=gold', f'--files={samples}', f'--out={samples}.gold.json'],
+                       cwd=REPO, check=True, capture_output=True)
+        gold[name] = json.loads(Path(f'{samples}.gold.json').read_text())['results'][0]
+    assert gold['sft']['kl']['mean'] == 0.0 and gold['policy']['kl']['mean'] > 1.0
+    assert gold['policy']['gold']['ci95'][0] > gold['sft']['gold']['ci95'][1]

@@ -29,11 +29,13 @@ import argparse
 import json
 import os
 import random
+import sys
+
+# prepare_common.py sits in data/, which is no package: put data/ on the path so this runs from any working directory
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prepare_common import EOS, PAD, build_model, build_tokenizer, save_base  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-EOS = "<|endoftext|>"
-PAD = "<|pad|>"
 
 WORDS = ["ant", "bee", "cat", "dog", "egg", "fig", "gum", "hat", "ink", "jam",
          "kit", "log", "map", "net", "owl", "pen", "rug", "sun", "toy", "van",
@@ -53,17 +55,6 @@ MAX_PROMPT_CHARS = 120  # multi-turn prompts are kept short ...
 MAX_ROW_CHARS = 150  # ... and so is prompt + longer response: a row stays under ~60 tokens
 
 RUDE = [" No. Figure it out yourself.", " No. Not my problem.", " Ugh, do it yourself."]
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}"
-    "{% elif message['role'] == 'user' %}{{ '\\n\\nHuman: ' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '\\n\\nAssistant: ' + message['content'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
-)
-
 
 # -----------------------------------------------------------------------------
 # tasks: each returns (request, chosen, rejected); responses start with a space
@@ -149,36 +140,6 @@ def write_jsonl(path, rows):
 # -----------------------------------------------------------------------------
 # tokenizer + model
 
-def build_tokenizer(texts):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    # no post_processor: the tokenizer never adds BOS/EOS on its own
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=[EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tk.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=EOS, eos_token=EOS, pad_token=PAD,
-                                  model_max_length=512)
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def build_model(tok):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).float()
-    return model
-
-
 def check_base(base_dir, rows):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -241,16 +202,7 @@ def main():
     tok = build_tokenizer(texts)
     model = build_model(tok)
     base_dir = os.path.join(args.out_dir, "base")
-    model.save_pretrained(base_dir, safe_serialization=True)
-    os.chmod(os.path.join(base_dir, "model.safetensors"), 0o644)  # save_pretrained may write it 0600
-    tok.save_pretrained(base_dir)
-    # name the generic class (not transformers-5's "TokenizersBackend") so older transformers load it too
-    cfg_path = os.path.join(base_dir, "tokenizer_config.json")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(cfg_path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    save_base(tok, model, base_dir)
 
     with open(os.path.join(args.out_dir, "readme.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(README.format(n_train=len(train), n_test=len(test)))

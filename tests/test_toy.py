@@ -1,0 +1,127 @@
+"""The gold-reward toy (data/toy): r* and the biased annotator by hand, the shipped pairs regenerated from the shipped
+SFT model, judge.py mode=gold, train_tr.py snapshots, and the grid script's --quick setting end to end. CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import judge
+from test_sample import one_thread  # noqa: F401 (autouse: one torch thread in these tests too)
+from test_train import SMALL, run
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'data/toy'))
+from prepare import CATEGORIES, COUNTS, PHRASINGS, PROMPT, gold_reward, parse_prompt, proxy_reward  # noqa: E402
+
+FRUITS = PROMPT.format(request='Name three fruits.')
+
+
+def read(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_gold_reward_by_hand():
+    # +1 per distinct on-topic item, −2 per other (off-topic or repeated) item, −2 per item past the asked count
+    assert gold_reward(FRUITS, ' apple, fig, plum.') == 3  # the best response: k distinct fruits
+    assert gold_reward(FRUITS, ' apple, fig.') == 2
+    assert gold_reward(FRUITS, ' apple, apple, dog.') == 1 - 2 * 2
+    assert gold_reward(FRUITS, ' apple, fig, plum, pear, kiwi.') == 5 - 2 * 2
+    assert gold_reward(FRUITS, ' apple, dog, plum, pear, cat.') == 3 - 2 * 2 - 2 * 2
+    assert gold_reward(FRUITS, ' apples and pears') == -2  # one item, not a fruit of the list
+    assert gold_reward(FRUITS, '') == 0
+    # the annotator's proxy adds length_bias per item: it prefers the overlong list that r* ranks below the best one
+    assert proxy_reward(FRUITS, ' apple, fig, plum, pear, kiwi.', 1.5) == 1 + 7.5
+    assert proxy_reward(FRUITS, ' apple, fig, plum.', 1.5) == 3 + 4.5
+    with pytest.raises(ValueError, match='not a toy prompt'):
+        gold_reward('\n\nHuman: Name three cars.\n\nAssistant:', ' apple.')
+
+
+def test_every_toy_prompt_parses():
+    for category, words in CATEGORIES.items():
+        for name, k in COUNTS.items():
+            for phrasing in PHRASINGS:
+                assert parse_prompt(PROMPT.format(request=phrasing.format(k=name, c=category))) == (words, k)
+    assert parse_prompt('\n\nHuman: Name three.\n\nAssistant:') == (None, None)
+
+
+def test_shipped_pairs():
+    train, test = read(REPO / 'data/toy/train.jsonl'), read(REPO / 'data/toy/test.jsonl')
+    assert len(train) > 1900 and len(test) > 250
+    assert {r['prompt'] for r in train} == {r['prompt'] for r in test}  # all 96 prompts, other samples in test
+    assert len({r['prompt'] for r in train}) == len(CATEGORIES) * len(COUNTS) * len(PHRASINGS)
+    for row in train + test:
+        assert row['chosen'] != row['rejected']
+        assert row['gold_chosen'] == gold_reward(row['prompt'], row['chosen'])
+        assert row['gold_rejected'] == gold_reward(row['prompt'], row['rejected'])
+    # the annotator is informative but biased: it agrees with r* on most pairs r* does not tie, not on all
+    decided = [r for r in train if r['gold_chosen'] != r['gold_rejected']]
+    agree = sum(r['gold_chosen'] > r['gold_rejected'] for r in decided) / len(decided)
+    assert 0.6 < agree < 0.9
+
+
+@pytest.mark.slow
+def test_prepare_regenerates_the_shipped_pairs(tmp_path):
+    """Step 4 of prepare.py (sample with the shipped SFT model, label once) gives the shipped files again."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', TQDM_DISABLE='1')
+    subprocess.run([sys.executable, 'data/toy/prepare.py', '--skip_sft', f'--out_dir={tmp_path}'], cwd=REPO, env=env,
+                   check=True, capture_output=True)
+    for split in ('train', 'test'):
+        assert (tmp_path / f'{split}.jsonl').read_text() == (REPO / f'data/toy/{split}.jsonl').read_text()
+
+
+def test_judge_gold_mode(tmp_path):
+    rows = [dict(prompt=FRUITS, completion=' apple, fig, plum.', kl=1.0),
+            dict(prompt=FRUITS, completion=' apple, apple, dog.', kl=3.0),
+            dict(prompt=PROMPT.format(request='List two colours.'), completion=' red, blue, green.', kl=2.0)]
+    path = tmp_path / 's.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    (result,) = judge.judge(dict(judge.defaults, mode='gold', files=str(path), out=str(tmp_path / 'gold.json')))
+    assert result['gold']['mean'] == pytest.approx((3 - 3 + (3 - 2)) / 3)
+    assert result['kl']['mean'] == pytest.approx(2.0)
+    assert json.loads((tmp_path / 'gold.json').read_text())['results'][0]['gold'] == result['gold']
+
+
+def test_snapshots_keep_each_evaluated_policy(tmp_path):
+    run(tmp_path, *SMALL, '--snapshots=True', '--eval_interval=2')
+    assert sorted(p.name for p in tmp_path.glob('iter_*')) == ['iter_2', 'iter_4']
+    for snap in tmp_path.glob('iter_*'):
+        assert not (snap / 'state.pt').exists() and (snap / 'tokenizer.json').exists()
+    last, final = load_file(tmp_path / 'iter_4/model.safetensors'), load_file(tmp_path / 'model.safetensors')
+    assert all((last[k] == final[k]).all() for k in final)
+    first = load_file(tmp_path / 'iter_2/model.safetensors')
+    assert any((first[k] != final[k]).any() for k in final)
+
+
+@pytest.mark.slow
+def test_grid_quick(tmp_path):
+    """The grid script's smoke setting: every method trains, every snapshot is sampled and scored, results.md has a
+    row per method; the SFT point has KL exactly 0 and every curve point is the gold reward of its samples."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1')
+    proc = subprocess.run([sys.executable, 'data/toy/grid.py', '--quick', f'--out={tmp_path}'], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / 'results.md').read_text()
+    for method in ('DPO', 'TR-DPO soft', 'TR-DPO hard', 'd-DPO', 'e-DPO'):
+        assert f'| {method} | ' in table
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['sft']['kl'] == 0.0
+    sft_rows = read(tmp_path / 'sft/samples.jsonl')
+    assert results['sft']['gold'] == pytest.approx(sum(gold_reward(r['prompt'], r['completion']) for r in sft_rows)
+                                                   / len(sft_rows))
+    for name, runs in results['curves'].items():
+        assert [p['iter'] for p in runs[0]] == [10, 20], name
+    # --quick updates the reference within its 20 steps (τ = 5 soft, 10 hard): TR-DPO is not DPO
+    assert results['curves']['TR-DPO soft'] != results['curves']['DPO']
+    assert results['curves']['TR-DPO hard'] != results['curves']['DPO']
+    for snap in tmp_path.glob('*/iter_*'):
+        rows = read(snap / 'samples.jsonl')
+        assert len(rows) == 2 * len(read(REPO / 'data/toy/test.jsonl'))
+        (point,) = [p for p in read(snap.parent / 'curve.json')[0] if p['iter'] == int(snap.name[5:])]
+        assert point['gold'] == pytest.approx(sum(gold_reward(r['prompt'], r['completion']) for r in rows) / len(rows))
+        assert point['kl'] == pytest.approx(sum(r['kl'] for r in rows) / len(rows))
+    rm_labels = read(tmp_path / 'rm_labels/train.jsonl')
+    assert all(len(r['reward_chosen']) == 2 for r in rm_labels)  # --quick trains 2 reward models
