@@ -246,6 +246,9 @@ def judge(cfg):
         raise SystemExit(f"error: mode must be one of {', '.join(modes)}, got {cfg['mode']!r}")
     if cfg['mode'] in ('reward', 'label') and not cfg['reward_models']:
         raise SystemExit(f"error: mode={cfg['mode']} needs reward_models=")
+    if cfg['mode'] == 'gold' and not Path(cfg['gold']).is_file():
+        raise SystemExit(f"error: mode=gold needs gold= a Python file defining gold_reward(prompt, response); "
+                         f"{cfg['gold']} does not exist")
     if cfg['mode'] == 'label' and not cfg['out']:
         raise SystemExit('error: mode=label needs out= (the folder for train.jsonl and test.jsonl)')
     name = cfg['template'] or ('criteria' if cfg['mode'] == 'criteria' else 'hh')

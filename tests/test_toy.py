@@ -83,6 +83,12 @@ def test_judge_gold_mode(tmp_path):
     assert result['gold']['mean'] == pytest.approx((3 - 3 + (3 - 2)) / 3)
     assert result['kl']['mean'] == pytest.approx(2.0)
     assert json.loads((tmp_path / 'gold.json').read_text())['results'][0]['gold'] == result['gold']
+    with pytest.raises(SystemExit, match='gold_reward'):
+        judge.judge(dict(judge.defaults, mode='gold', files=str(path), gold=str(tmp_path / 'missing.py')))
+    other = tmp_path / 'other.jsonl'  # a prompt the toy's gold reward does not know is an error, not a silent score
+    other.write_text(json.dumps(dict(prompt='\n\nHuman: Hi\n\nAssistant:', completion=' hello')) + '\n')
+    with pytest.raises(ValueError, match='not a toy prompt'):
+        judge.judge(dict(judge.defaults, mode='gold', files=str(other)))
 
 
 def test_snapshots_keep_each_evaluated_policy(tmp_path):

@@ -13,8 +13,9 @@ estimates KL(π‖π_SFT)), and judge.py mode=gold scores the samples with r*.
   python data/toy/grid.py                                   # the full grid: data/toy/results.md, gold_vs_kl.png
   python data/toy/grid.py --quick --out=out/toy_quick       # a smoke version, under a minute (tests/test_toy.py)
 
-Finished runs are not redone (delete --out to start over). The plot needs matplotlib (pip install matplotlib),
-which nothing else in the repository uses; without it the tables are still written.
+Finished runs are not redone (delete --out to start over; a run folder made with other settings is an error).
+The plot needs matplotlib (pip install matplotlib), which nothing else in the repository uses; without it the tables
+are still written.
 """
 import argparse
 import json
@@ -115,11 +116,13 @@ def run_jobs(jobs, n_workers):
     """jobs: {run folder: spec}; each unfinished one runs `grid.py --worker=FOLDER`, its output in FOLDER/log.txt."""
     def one(path):
         if (path / 'curve.json').exists():
+            if json.loads((path / 'job.json').read_text()) != jobs[path]:
+                raise SystemExit(f'error: {path} was run with other settings; use another --out or delete it')
             return
         path.mkdir(parents=True, exist_ok=True)
         (path / 'job.json').write_text(json.dumps(jobs[path]))
         with open(path / 'log.txt', 'w') as log:
-            env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', TQDM_DISABLE='1')
+            env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
             proc = subprocess.run([sys.executable, __file__, f'--worker={path}'], cwd=ROOT, env=env, stdout=log,
                                   stderr=subprocess.STDOUT)
         if proc.returncode:
@@ -196,7 +199,7 @@ def write_results(methods, curves, sft, results_dir, settings):
         ax.set_xlabel('KL(π‖π_SFT), nats')
         ax.legend(fontsize=7)
     for row in axes:
-        row[0].set_ylabel('gold reward r* (mean of 3 seeds)')
+        row[0].set_ylabel(f'gold reward r* (mean of {len(next(iter(curves.values())))} seeds)')
     fig.tight_layout()
     fig.savefig(results_dir / 'gold_vs_kl.png', dpi=110)
 
@@ -229,7 +232,7 @@ def main():
     if not (labels / 'test.jsonl').exists():
         subprocess.run([sys.executable, 'judge.py', '--mode=label', f'--data={DATA}', f'--out={labels}',
                         '--reward_models=' + ','.join(map(str, rms)), '--max_length=64', '--max_prompt_length=32'],
-                       check=True, env=dict(os.environ, TQDM_DISABLE='1'))
+                       check=True)
 
     jobs, runs = {}, {}
     for name, method_args in methods.items():
