@@ -26,14 +26,13 @@ Run (from the repo root):
   python data/tiny/prepare.py            # optional: --seed=1337 --n_train=2000 --n_test=200
 """
 import argparse
-import json
 import os
 import random
 import sys
 
 # prepare_common.py sits in data/, which is no package: put data/ on the path so this runs from any working directory
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prepare_common import EOS, PAD, build_model, build_tokenizer, save_base  # noqa: E402
+from prepare_common import EOS, PAD, build_model, build_tokenizer, save_base, write_jsonl  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -131,12 +130,6 @@ def make_rows(rng, n, exclude_prompts=(), unique_prompts=False):
     return rows
 
 
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 # -----------------------------------------------------------------------------
 # tokenizer + model
 
@@ -195,8 +188,8 @@ def main():
     train = make_rows(rng, args.n_train, exclude_prompts={r["prompt"] for r in test})
     rows = train + test
     os.makedirs(args.out_dir, exist_ok=True)
-    write_jsonl(os.path.join(args.out_dir, "train.jsonl"), train)
-    write_jsonl(os.path.join(args.out_dir, "test.jsonl"), test)
+    write_jsonl(train, os.path.join(args.out_dir, "train.jsonl"))
+    write_jsonl(test, os.path.join(args.out_dir, "test.jsonl"))
 
     texts = [t for r in train for t in (r["prompt"], r["chosen"], r["rejected"])]
     tok = build_tokenizer(texts)

@@ -101,8 +101,8 @@ def worker(path):
         point = dict(iter=0, **measure(SFT, path / 'samples.jsonl'))
         (path / 'curve.json').write_text(json.dumps([point]))
         return
-    cfg = train_tr.get_config([*spec['args'], f'--out_dir={path}', f"--seed={spec['seed']}",
-                               f"--snapshots={spec['args'][0] != '--loss=rm'}"])
+    cfg = train_tr.get_config([*spec['args'], f'--out_dir={path}', f"--seed={spec['seed']}"])
+    cfg['snapshots'] = cfg['loss'] != 'rm'  # a reward model is not sampled
     train_tr.train(cfg)
     if cfg['loss'] == 'rm':
         (path / 'curve.json').write_text('[]')

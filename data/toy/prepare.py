@@ -29,7 +29,6 @@ The pipeline (all deterministic from --seed on one machine):
 Run: python data/toy/prepare.py     (all four steps, about 35 s on 2 CPU cores; --skip_sft: step 4 only)
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -41,6 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))  # data/prepare_common.py: data/ is no package
+from prepare_common import write_jsonl  # noqa: E402
 
 CATEGORIES = {
     'fruits': 'apple pear plum fig lime grape peach mango kiwi lemon',
@@ -62,16 +62,14 @@ SFT_ARGS = ['--loss=sft', '--init_from={out}/base', '--data={out}/demos', '--out
             '--batch_size=32', '--lr=3e-3', '--warmup_iters=10', '--eval_interval=100', '--log_interval=50']
 
 
+# every toy prompt -> (the asked category's words, the asked count k)
+PROMPTS = {PROMPT.format(request=phrasing.format(k=name, c=category)): (words, k)
+           for category, words in CATEGORIES.items() for name, k in COUNTS.items() for phrasing in PHRASINGS}
+
+
 def parse_prompt(prompt):
     """(category words, asked count k) of a toy prompt; (None, None) for any other text."""
-    request = prompt.rsplit('Human: ', 1)[-1].split('\n')[0]
-    for phrasing in PHRASINGS:
-        head, tail = phrasing.split('{k}')
-        if request.startswith(head) and request.endswith('.'):
-            k, _, category = request[len(head):-1].partition(' ')
-            if k in COUNTS and category in CATEGORIES and tail == ' {c}.':
-                return CATEGORIES[category], COUNTS[k]
-    return None, None
+    return PROMPTS.get(prompt, (None, None))
 
 
 def items_of(response):
@@ -111,11 +109,6 @@ def demo(rng, words, k):
     return ' ' + ', '.join(items) + '.'
 
 
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(''.join(json.dumps(row) + '\n' for row in rows))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--seed', type=int, default=1337)
@@ -126,18 +119,19 @@ def main():
     parser.add_argument('--out_dir', default=str(HERE))
     args = parser.parse_args()
     out = Path(args.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     sft = HERE / 'sft' if args.skip_sft else out / 'sft'
     rng = random.Random(args.seed)
-    prompts = [PROMPT.format(request=p.format(k=k, c=c)) for c in CATEGORIES for k in COUNTS for p in PHRASINGS]
-    splits = {'test': prompts, 'train': prompts}  # every prompt in both splits; the test pairs are other samples
+    splits = ('test', 'train')  # both have every prompt (the test pairs are other samples); random draws in this order
 
     # 1-3: demonstrations, base model, SFT model
     if not args.skip_sft:
+        n_demos = {'train': args.n_demos, 'test': args.n_demos // 10}
         demos = {split: [{'prompt': p, 'chosen': demo(rng, *parse_prompt(p))}
-                         for p in rng.choices(ps, k=args.n_demos if split == 'train' else args.n_demos // 10)]
-                 for split, ps in splits.items()}
+                         for p in rng.choices(list(PROMPTS), k=n_demos[split])] for split in splits}
+        (out / 'demos').mkdir(exist_ok=True)
         for split, rows in demos.items():
-            write_jsonl(out / 'demos' / f'{split}.jsonl', rows)
+            write_jsonl(rows, out / 'demos' / f'{split}.jsonl')
         from prepare_common import build_model, build_tokenizer, save_base
         tok = build_tokenizer([t for row in demos['train'] for t in row.values()], vocab_size=384)
         save_base(tok, build_model(tok), out / 'base')
@@ -150,11 +144,11 @@ def main():
     sys.path.insert(0, str(ROOT))
     import sample
     rng = random.Random(args.seed + 1)  # the labels do not depend on whether step 1-3 ran
-    for split, ps in splits.items():
+    for split in splits:
         per_prompt = args.pairs_per_prompt if split == 'train' else 3
         with tempfile.TemporaryDirectory() as tmp:
-            prompts_only = [{'prompt': p, 'chosen': ' -'} for p in ps for _ in range(per_prompt)]  # sample.py's input
-            write_jsonl(Path(tmp) / 'test.jsonl', prompts_only)
+            prompts_only = [{'prompt': p, 'chosen': ' -'} for p in PROMPTS for _ in range(per_prompt)]
+            write_jsonl(prompts_only, Path(tmp) / 'test.jsonl')  # sample.py reads prompts from a data split
             cfg = dict(sample.defaults, init_from=str(sft), data=tmp, split='test', num_samples=2,
                        max_new_tokens=48, batch_size=64, seed=args.seed + (split == 'test'), out=f'{tmp}/s.jsonl')
             samples = sample.sample(cfg)
@@ -169,7 +163,7 @@ def main():
                 y1, y2 = y2, y1
             rows.append(dict(prompt=prompt, chosen=y1, rejected=y2, gold_chosen=gold_reward(prompt, y1),
                              gold_rejected=gold_reward(prompt, y2)))
-        write_jsonl(out / f'{split}.jsonl', rows)
+        write_jsonl(rows, out / f'{split}.jsonl')
         gold_agrees = sum(r['gold_chosen'] > r['gold_rejected'] for r in rows)
         gold_ties = sum(r['gold_chosen'] == r['gold_rejected'] for r in rows)
         longer = sum(len(items_of(r['chosen'])) > len(items_of(r['rejected'])) for r in rows)
