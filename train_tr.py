@@ -25,7 +25,7 @@ With α=0 or ref_update=none this is plain DPO/IPO/KTO against the fixed initial
 same for distill, edistill and pdpo (trust-region distillation, a combination neither paper ran).
 
 Run:
-    python train_tr.py                                   # TR-DPO on the gold-reward toy in data/toy, CPU, ~30 s
+    python train_tr.py                                   # TR-DPO on the gold-reward toy in data/toy, CPU, ~25 s
     python train_tr.py --loss=ipo --ref_update=hard --tr_tau=16
     python train_tr.py --loss=rm --out_dir=out/rm                        # a reward model; judge.py labels pairs
     python train_tr.py --loss=edistill --data=out/labels                 # distillation from the labelled pairs
