@@ -151,8 +151,11 @@ def write_results(methods, curves, sft, results_dir, settings):
     budgets = ' | '.join(f'gold at KL ≤ {b:g}' for b in KL_BUDGETS)
     header = (f'| method | peak gold | {budgets} | final gold | final KL | final items |\n'
               + '|---' * (5 + len(KL_BUDGETS)) + '|\n')
-    table = {name: {c: mean_std([summarize(curve, sft)[c] for curve in runs]) for c in summarize(runs[0], sft)}
-             for name, runs in curves.items()}
+    table = {}
+    for name, runs in curves.items():
+        per_run = [summarize(curve, sft) for curve in runs]
+        table[name] = {column: mean_std([r[column] for r in per_run]) for column in per_run[0]}
+    n_seeds = len(next(iter(curves.values())))
 
     def rows(names):
         return ''.join(f'| {name} | ' + ' | '.join(f'{m:.2f} ± {s:.2f}' for m, s in table[name].values()) + ' |\n'
@@ -162,7 +165,7 @@ def write_results(methods, curves, sft, results_dir, settings):
     text = (f'# Toy results: gold reward vs KL(π‖π_SFT)\n\n{settings}\n\n'
             f'SFT model: gold {sft["gold"]:.2f}, {sft["items"]:.2f} items per list (the test prompts ask for '
             f'{sft["asked"]:.2f} on average; the best possible gold is that number).\n\n'
-            f'Mean ± std over {len(next(iter(curves.values())))} seeds of each run\'s numbers. Peak gold: best '
+            f'Mean ± std over {n_seeds} seeds of each run\'s numbers. Peak gold: best '
             f'checkpoint (the SFT model included); gold at KL ≤ B: best checkpoint within that budget; final: the last '
             f'checkpoint. KL in nats, estimated from the samples; items: mean list length.\n\n'
             + header + rows(main))
@@ -199,7 +202,7 @@ def write_results(methods, curves, sft, results_dir, settings):
         ax.set_xlabel('KL(π‖π_SFT), nats')
         ax.legend(fontsize=7)
     for row in axes:
-        row[0].set_ylabel(f'gold reward r* (mean of {len(next(iter(curves.values())))} seeds)')
+        row[0].set_ylabel(f'gold reward r* (mean of {n_seeds} seeds)')
     fig.tight_layout()
     fig.savefig(results_dir / 'gold_vs_kl.png', dpi=110)
 
