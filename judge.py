@@ -18,8 +18,8 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from sample import drop_partial_line, generate, read_jsonl  # importing sample also hides the "Loading weights" bars
-from train_tr import collate, load_model, padding_id, parse_overrides, read_rows, render_row, resolve_device, \
-    sequence_rewards, tokenize_pair, tokenize_prompt
+from train_tr import end_of_turn, layout, load_model, padding_id, parse_overrides, read_rows, render_row, \
+    resolve_device, sequence_rewards, tokenize_pair, tokenize_prompt
 
 defaults = dict(
     mode='pairwise',        # pairwise | criteria | reward | gold | label
@@ -175,14 +175,17 @@ def load_reward_models(cfg):
 
 @torch.no_grad()
 def rewards(models, prompts, responses, cfg):
-    """r(x, y) of each (prompt, response) under each reward model: tokenized and truncated as train_tr.py does (EOS ends
-    the response), right-padded with the pad id the classifier skips, scored at the last real token."""
+    """r(x, y) of each (prompt, response) under each reward model: tokenized, truncated and scored as train_tr.py does
+    (EOS ends the response; the score is read at its last token that is not padding)."""
     scores, size = [], cfg['batch_size']
     for _, model, tokenizer in models:
-        sequences = [tokenize_pair(tokenizer, p, r, None, cfg['max_length'], cfg['max_prompt_length'])
-                     for p, r in zip(prompts, responses)]
-        batches = [collate(sequences[i:i + size], model.config.pad_token_id)[0] for i in range(0, len(sequences), size)]
-        scores.append([r for ids in batches for r in sequence_rewards(model, ids.to(model.device)).tolist()])
+        turn_end = end_of_turn(tokenizer)
+        rows = [[torch.tensor(ids) for ids in tokenize_pair(tokenizer, p, r, None, cfg['max_length'],
+                                                             cfg['max_prompt_length'], turn_end)]
+                for p, r in zip(prompts, responses)]
+        batches = [layout([(p, [r]) for p, r in rows[i:i + size]], model.config.pad_token_id, model.device)
+                   for i in range(0, len(rows), size)]
+        scores.append([r for batch in batches for r in sequence_rewards(model, batch).tolist()])
     return scores
 
 

@@ -32,8 +32,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from train_tr import collate, load_model, load_pairs, padding_id, parse_overrides, sequence_logps, \
-    setup_distributed, tokenize_prompt
+from train_tr import layout, load_model, load_pairs, padding_id, parse_overrides, sequence_logps, setup_distributed
 
 defaults = dict(
     init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name
@@ -42,7 +41,7 @@ defaults = dict(
     split='test',
     num_prompts=0,          # the first this many usable prompts of the split; 0 = all
     num_samples=1,          # completions per prompt
-    max_prompt_length=64,   # a prompt keeps its last this many tokens, as in training
+    max_prompt_length=64,   # prompts are cut to this many tokens as in training (chat: oldest turns first)
     max_new_tokens=64,
     temperature=1.0,        # 0 = greedy
     top_p=1.0,
@@ -109,8 +108,11 @@ def sample(cfg):
     pad_id = padding_id(tokenizer)
     policy = load_model(cfg['init_from']).to(device).eval()
     ref = load_model(cfg['ref']).to(device).eval() if cfg['ref'] else None
-    pairs = load_pairs(cfg['data'], cfg['split'], tokenizer, need_rejected=False, verbose=rank == 0)
-    prompts = [prompt for prompt, _, _ in pairs[:cfg['num_prompts'] or None]]
+    # max_length = max_prompt_length: only the prompt is kept, fit to max_prompt_length as training fits it
+    pairs = load_pairs(cfg['data'], cfg['split'], tokenizer, cfg['max_prompt_length'], cfg['max_prompt_length'],
+                       need_rejected=False, verbose=rank == 0, texts=True)
+    prompts = [text for text, _ in pairs[:cfg['num_prompts'] or None]]
+    prompt_ids = [pair.prompt.tolist() for _, pair in pairs[:len(prompts)]]
     items = [(i, j) for i in range(len(prompts)) for j in range(cfg['num_samples'])]
     batches = [items[start:start + cfg['batch_size']] for start in range(0, len(items), cfg['batch_size'])]
     settings = dict(model=cfg['init_from'], ref=cfg['ref'], **{k: cfg[k] for k in SETTINGS[2:]})
@@ -133,16 +135,15 @@ def sample(cfg):
             # the seed of a batch depends only on (seed, batch number), not on the rank or on what ran before; hashed,
             # because the CPU generator keeps only the low 32 bits of a seed
             torch.manual_seed(int.from_bytes(hashlib.sha256(f"{cfg['seed']}/{b}".encode()).digest()[:8], 'little'))
-            prompt_ids = [tokenize_prompt(tokenizer, prompts[i])[-cfg['max_prompt_length']:] for i, _ in batch]
-            completions = generate(policy, prompt_ids, pad_id, tokenizer.eos_token_id, cfg['max_new_tokens'],
-                                   cfg['temperature'], cfg['top_p'])
+            completions = generate(policy, [prompt_ids[i] for i, _ in batch], pad_id, tokenizer.eos_token_id,
+                                   cfg['max_new_tokens'], cfg['temperature'], cfg['top_p'])
             batch_rows = [dict(prompt=prompts[i], completion=tokenizer.decode(c, skip_special_tokens=True), index=i,
                                sample=j, tokens=len(c), **settings) for (i, j), c in zip(batch, completions)]
             if ref is not None:  # the exact sampled ids, scored by the trainer's log-prob code
-                input_ids, labels = collate(list(zip(prompt_ids, completions)), pad_id)
+                rows = [(torch.tensor(prompt_ids[i]), [torch.tensor(c)]) for (i, _), c in zip(batch, completions)]
+                scored = layout(rows, pad_id, device)
                 with torch.no_grad():
-                    logps = [sequence_logps(m, input_ids.to(device), labels.to(device))[0].tolist()
-                             for m in (policy, ref)]
+                    logps = [sequence_logps(m, scored)[0].tolist() for m in (policy, ref)]
                 for row, lp, lr in zip(batch_rows, *logps):
                     row.update(logp_policy=lp, logp_ref=lr, kl=lp - lr)
             f.writelines(json.dumps(row) + '\n' for row in batch_rows)

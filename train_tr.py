@@ -40,16 +40,19 @@ import resource
 import shutil
 import sys
 import time
+import types
 from ast import literal_eval
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -164,6 +167,7 @@ def check_config(cfg):
     need(cfg['distill_reduce'] in ('first', 'mean'), 'distill_reduce must be first or mean')
     need(cfg['edistill_min'] in ('example', 'batch'), 'edistill_min must be example or batch')
     need(cfg['pessimism_gamma'] >= 0 and cfg['rm_center_coef'] >= 0, 'pessimism_gamma and rm_center_coef must be >= 0')
+    need(cfg['loss'] != 'kto' or cfg['batch_size'] >= 2, 'kto needs batch_size >= 2 (its mismatched pairs)')
 
 
 # -----------------------------------------------------------------------------
@@ -271,6 +275,89 @@ def render_row(row, tokenizer, need_rejected=True):
     return prompt_text, texts[0], texts[1] if len(texts) == 2 else None
 
 
+def end_of_turn(tokenizer):
+    """What the chat template writes after an assistant message's text ('<|im_end|>\\n' for ChatML), or '' when it
+    writes nothing that ends a turn (no template, or a plain-text one like data/toy's)."""
+    if not tokenizer.chat_template:
+        return ''
+    marker = '\x00nanotr\x00'
+    text = tokenizer.apply_chat_template([{'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': marker}],
+                                         tokenize=False)
+    return text[text.rfind(marker) + len(marker):] if marker in text else ''
+
+
+def tokenize_prompt(tokenizer, prompt):
+    """Prompt ids with BOS exactly where the model expects one: the tokenizer adds it for models that use it
+    (Llama) and not for others (Pythia); a chat template that already wrote it into the text is not doubled."""
+    prompt_ids = tokenizer(prompt).input_ids
+    if len(prompt_ids) > 1 and prompt_ids[0] == prompt_ids[1] == tokenizer.bos_token_id:
+        prompt_ids = prompt_ids[1:]
+    return prompt_ids
+
+
+def tokenize_response(tokenizer, text, turn_end=''):
+    """Response ids ending the sequence: EOS is appended to plain text, unless the text already ends with EOS or
+    with the chat template's end of turn (a message-list response ends with it, and TRL appends nothing after it)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if (turn_end.strip() and text.endswith(turn_end)) or ids[-1:] == [tokenizer.eos_token_id]:
+        return ids
+    return ids + [tokenizer.eos_token_id]
+
+
+def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length, turn_end=''):
+    """Token ids (prompt, chosen, rejected or nothing) of rendered texts; too-long pairs are truncated."""
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    responses = [tokenize_response(tokenizer, r, turn_end) for r in (chosen, rejected) if r is not None]
+    prompt_ids, responses = truncate(prompt_ids, responses, max_length, max_prompt_length)
+    return prompt_ids, *responses
+
+
+def truncate(prompt_ids, responses, max_length, max_prompt_length):
+    """A too-long example first loses the prompt's start (keeping its last max_prompt_length tokens), then the
+    responses' ends (the DPO repository's rule: a dialogue's end matters most, and each response keeps its start)."""
+    if len(prompt_ids) + max(map(len, responses)) > max_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    return prompt_ids, [r[:max_length - len(prompt_ids)] for r in responses]
+
+
+def without_oldest_exchange(messages):
+    """The conversation minus its first user turn and the assistant turns that answer it (system turns stay), or
+    None when only one user turn is left."""
+    users = [i for i, m in enumerate(messages) if m['role'] == 'user']
+    if len(users) < 2:
+        return None
+    return messages[:users[0]] + messages[users[1]:]
+
+
+class Pair(NamedTuple):
+    """A tokenized example: prompt and response ids (int32; rejected is None for sft), and for reward-labelled data
+    the margins Δr_i = r_i(y_w) − r_i(y_l) of its k reward models."""
+    prompt: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor | None = None
+    reward_margins: tuple | None = None
+
+
+def encode_row(row, tokenizer, max_length, max_prompt_length, need_rejected=True, turn_end=''):
+    """(prompt_text, token ids) of a row, or why it is unusable. A pair longer than max_length is truncated; a chat
+    prompt first loses whole exchanges, oldest first, so that its system turn, the template's opening and its last
+    user turn stay intact (cutting tokens off its start, as for text, would drop those); only a last user turn that
+    alone is over max_prompt_length is cut like text."""
+    while True:
+        texts = render_row(row, tokenizer, need_rejected)
+        if isinstance(texts, str):
+            return texts
+        prompt_ids, *responses = tokenize_pair(tokenizer, *texts, max_length=10**9, max_prompt_length=10**9,
+                                               turn_end=turn_end)
+        too_long = len(prompt_ids) + max(map(len, responses)) > max_length and len(prompt_ids) > max_prompt_length
+        shorter = without_oldest_exchange(row['prompt']) if too_long and isinstance(row['prompt'], list) else None
+        if shorter is None:
+            break
+        row = dict(row, prompt=shorter)
+    prompt_ids, responses = truncate(prompt_ids, responses, max_length, max_prompt_length)
+    return texts[0], [prompt_ids, *responses]
+
+
 def reward_margins(row, name, index, k):
     """Δr_i = reward_chosen[i] − reward_rejected[i] of a labelled row (a number counts as a list of one). Rows are
     never skipped for their rewards: a missing or malformed label stops the run, naming the row."""
@@ -289,25 +376,26 @@ def reward_margins(row, name, index, k):
     return tuple(float(c) - float(r) for c, r in zip(chosen, rejected))
 
 
-def load_pairs(source, split, tokenizer, need_rejected=True, verbose=True, required=True, need_rewards=False):
-    """Rendered (prompt, chosen, rejected) texts of a split, bad rows skipped and counted; with need_rewards, each
-    pair also carries its reward-model margins (Δr_1, ..., Δr_k). A missing split is an error, or None when not
-    required (the held-out split)."""
+def load_pairs(source, split, tokenizer, max_length, max_prompt_length, need_rejected=True, verbose=True,
+               required=True, need_rewards=False, texts=False):
+    """The split's usable rows tokenized once, as Pairs (with texts=True, (prompt_text, Pair) tuples); bad rows are
+    skipped and counted. A missing split is an error, or None when not required (the held-out split)."""
     rows, name = read_rows(source, split)
     if rows is None:
         if required:
             raise SystemExit(f"error: no {split}.jsonl, {split}.json or {split}.parquet in {source} "
                              "(a data/<name> folder is filled by its prepare.py)")
         return None
-    pairs, skipped = [], {}
+    pairs, skipped, turn_end, k = [], Counter(), end_of_turn(tokenizer), None
     for index, row in enumerate(rows):
-        result = render_row(row, tokenizer, need_rejected)
+        result = encode_row(row, tokenizer, max_length, max_prompt_length, need_rejected, turn_end)
         if isinstance(result, str):
-            skipped[result] = skipped.get(result, 0) + 1
-        elif need_rewards:
-            pairs.append((*result, reward_margins(row, name, index, len(pairs[0][3]) if pairs else None)))
-        else:
-            pairs.append(result)
+            skipped[result] += 1
+            continue
+        margins = reward_margins(row, name, index, k) if need_rewards else None
+        k = len(margins) if margins else None
+        pair = Pair(*(torch.tensor(ids, dtype=torch.int32) for ids in result[1]), reward_margins=margins)
+        pairs.append((result[0], pair) if texts else pair)
     if verbose:
         why = ', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))
         skip_note = f' (skipped {sum(skipped.values()):,} rows: {why})' if skipped else ''
@@ -318,65 +406,64 @@ def load_pairs(source, split, tokenizer, need_rejected=True, verbose=True, requi
     return pairs
 
 
-def tokenize_prompt(tokenizer, prompt):
-    """Prompt ids with BOS exactly where the model expects one: the tokenizer adds it for models that use it
-    (Llama) and not for others (Pythia); a chat template that already wrote it into the text is not doubled."""
-    prompt_ids = tokenizer(prompt).input_ids
-    if len(prompt_ids) > 1 and prompt_ids[0] == prompt_ids[1] == tokenizer.bos_token_id:
-        prompt_ids = prompt_ids[1:]
-    return prompt_ids
-
-
-def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
-    """Token ids (prompt, chosen, rejected or nothing): EOS ends each response; too-long pairs are truncated."""
-    prompt_ids = tokenize_prompt(tokenizer, prompt)
-    responses = [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                 for r in (chosen, rejected) if r is not None]
-    prompt_ids, responses = truncate(prompt_ids, responses, max_length, max_prompt_length)
-    return prompt_ids, *responses
-
-
-def truncate(prompt_ids, responses, max_length, max_prompt_length):
-    """A too-long example first loses the prompt's start (keeping its last max_prompt_length tokens), then the
-    responses' ends (the DPO repository's rule: a dialogue's end matters most, and each response keeps its start)."""
-    if len(prompt_ids) + max(map(len, responses)) > max_length:
-        prompt_ids = prompt_ids[-max_prompt_length:]
-    return prompt_ids, [r[:max_length - len(prompt_ids)] for r in responses]
-
-
-def collate(sequences, pad_id):
-    """Right-padded (input_ids, labels) from (prompt_ids, response_ids) pairs; labels are -100 on prompt and padding.
-    No attention mask: the models are causal, so right padding cannot change the real positions' log-probs."""
-    length = max(len(p) + len(r) for p, r in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), length), -100, dtype=torch.long)
-    for i, (p, r) in enumerate(sequences):
-        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
-    return input_ids, labels
-
-
 def padding_id(tokenizer):
     """The id batches are padded with: the tokenizer's pad token, else EOS (Pythia and Llama define no pad token)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def make_batch(pairs, tokenizer, loss_name, max_length, max_prompt_length, device='cpu'):
-    """One micro-batch: sequences laid out [chosen; rejected] (sft: chosen only), plus for KTO each prompt paired
-    with the next pair's chosen response, the mismatched (x, y') pairs that estimate the KL baseline z, and for
+def layout(rows, pad_id, device='cpu'):
+    """The batch tensors of rows [(prompt_ids, [response_ids, ...])]: each row is one sequence, the prompt followed by
+    all its responses, right-padded. Prompt sharing (Wang & Hegde 2024): a response token attends to the prompt and to
+    its own response only, and its positions continue from the prompt's end, so each response sees exactly what it
+    would see after the prompt alone (the same log-probs, tested) while the prompt is computed once. Responses are
+    numbered response-major: response 0 of every row (the chosen ones), then response 1 (the rejected ones).
+        predict  flat index (row·width + column) of the hidden state that predicts each response token: the prompt's
+                 last position for the first token, then the response's own positions
+        labels   the response tokens, in that order;  lengths: tokens per response (owner: the response of each token)
+        last     flat index of each response's last token that is not padding (a reward model reads its score there)
+        n_tokens the real tokens of the batch (each prompt counted once)
+    """
+    n_rows, n_responses = len(rows), len(rows[0][1])
+    width = max(len(p) + sum(map(len, rs)) for p, rs in rows)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    segment = torch.full((n_rows, width), -1)  # 0 prompt, j + 1 response j, -1 padding
+    starts = []
+    for b, (prompt, responses) in enumerate(rows):
+        n = len(prompt) + sum(map(len, responses))
+        input_ids[b, :n] = torch.cat([prompt, *responses])
+        position_ids[b, :n] = torch.cat([torch.arange(len(prompt))] + [torch.arange(len(r)) + len(prompt)
+                                                                       for r in responses])
+        segment[b, :n] = torch.cat([torch.zeros(len(prompt))] + [torch.full((len(r),), j + 1)
+                                                                 for j, r in enumerate(responses)])
+        starts.append([len(prompt) + sum(map(len, responses[:j])) for j in range(n_responses)])
+    predict, last = [], []
+    for j in range(n_responses):
+        for b, (prompt, responses) in enumerate(rows):
+            start, response = starts[b][j], responses[j]
+            predict.append(b * width + torch.cat([torch.tensor([len(prompt) - 1]),
+                                                  torch.arange(start, start + len(response) - 1)]))
+            real = (response != pad_id).nonzero()  # with pad = EOS, the token before the final EOS (as transformers)
+            last.append(b * width + (start + real[-1, 0].item() if len(real) else len(prompt) - 1))
+    lengths = torch.tensor([len(rs[j]) for j in range(n_responses) for _, rs in rows])
+    column = torch.arange(width)
+    visible = (segment[:, None, :] == 0) | (segment[:, :, None] == segment[:, None, :])  # [row, query, key]
+    batch = {'input_ids': input_ids, 'position_ids': position_ids,
+             'attention_mask': (visible & (column[None, :] <= column[:, None]))[:, None],
+             'predict': torch.cat(predict), 'labels': torch.cat([rs[j] for j in range(n_responses) for _, rs in rows]),
+             'owner': torch.arange(len(lengths)).repeat_interleave(lengths), 'lengths': lengths,
+             'last': torch.tensor(last), 'n_tokens': (segment >= 0).sum().float()}
+    return {k: v.to(device, torch.long if k == 'labels' else None) for k, v in batch.items()}
+
+
+def make_batch(pairs, loss_name, pad_id, device='cpu'):
+    """One micro-batch of Pairs: a row per pair, [prompt, chosen, rejected] (sft: [prompt, chosen]), and for
     labelled pairs their reward margins [n, k]."""
-    tokenized = [tokenize_pair(tokenizer, *pair[:3], max_length, max_prompt_length) for pair in pairs]
-    sequences = [(t[0], t[1]) for t in tokenized] + [(t[0], t[2]) for t in tokenized if loss_name != 'sft']
-    batch = dict(zip(('input_ids', 'labels'), collate(sequences, padding_id(tokenizer))))
-    batch['n_tokens'] = torch.tensor(float(sum(len(p) + len(r) for p, r in sequences)))
-    if loss_name == 'kto':
-        mismatched = [truncate(t[0], [tokenized[(i + 1) % len(tokenized)][1]], max_length, max_prompt_length)
-                      for i, t in enumerate(tokenized)]
-        batch['kl_input_ids'], batch['kl_labels'] = collate([(p, r) for p, (r,) in mismatched],
-                                                            padding_id(tokenizer))
-    if len(pairs[0]) == 4:
-        batch['reward_margins'] = torch.tensor([pair[3] for pair in pairs])
-    return {k: v.to(device) for k, v in batch.items()}
+    batch = layout([(p.prompt, [p.chosen] if loss_name == 'sft' else [p.chosen, p.rejected]) for p in pairs], pad_id,
+                   device)
+    if pairs[0].reward_margins is not None:
+        batch['reward_margins'] = torch.tensor([p.reward_margins for p in pairs], device=device)
+    return batch
 
 
 @lru_cache(maxsize=2)
@@ -399,23 +486,32 @@ def step_pair_indices(n_pairs, it, batch_size, seed):
 def load_model(name, reward_model=False):
     """An HF causal LM in float32 with dropout off (the loss compares policy and reference forwards exactly), or with
     reward_model=True a sequence classifier with one output, the Bradley–Terry reward r(x, y). From a causal-LM
-    checkpoint (the SFT model) its score head starts at random, seeded by torch.manual_seed."""
+    checkpoint (the SFT model) its score head starts at random, seeded by torch.manual_seed. SDPA attention, because
+    layout's masks are boolean (eager attention would add them as numbers)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     config = AutoConfig.from_pretrained(name)
     for key, value in config.to_dict().items():
         if ('dropout' in key or 'pdrop' in key) and isinstance(value, float):
             setattr(config, key, 0.0)
-    if not reward_model:
-        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
-    # The classifier reads its score at the last token that is not config.pad_token_id: make that the token
-    # make_batch pads with (the tokenizer's pad, else EOS), whatever a hub config says.
-    config.pad_token_id = padding_id(AutoTokenizer.from_pretrained(name))
-    config.num_labels = 1
-    return AutoModelForSequenceClassification.from_pretrained(name, config=config, dtype=torch.float32)
+    if reward_model:
+        # Saved with the pad id that batches are padded with (the tokenizer's pad, else EOS), whatever a hub config
+        # says, so that a transformers classifier loading the checkpoint pools where response_outputs reads.
+        config.pad_token_id = padding_id(AutoTokenizer.from_pretrained(name))
+        config.num_labels = 1
+    auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
+    return with_response_outputs(auto.from_pretrained(name, config=config, dtype=torch.float32,
+                                                      attn_implementation='sdpa'))
+
+
+def with_response_outputs(model):
+    """The model with response_outputs (below) as a method, so that shard_model can register it with FSDP."""
+    model.response_outputs = types.MethodType(response_outputs, model)
+    return model
 
 
 def shard_model(model, mesh, mp_policy, reshard_root):
-    """FSDP2: each decoder layer (the classes named in model._no_split_modules), then the root."""
+    """FSDP2: each decoder layer (the classes named in model._no_split_modules), then the root. response_outputs
+    is registered as a forward of the root, which holds the embedding and the head that it calls."""
     block_names = set(model._no_split_modules or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     if not blocks:
@@ -423,29 +519,42 @@ def shard_model(model, mesh, mp_policy, reshard_root):
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_root)
+    register_fsdp_forward_method(model, 'response_outputs')
     return model
 
 
-def token_logps(logits, labels):
-    return logits.float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+LOGPS_CHUNK = 1024  # response tokens per log-softmax: [1024, V] float32 is 0.2 GB for V = 49,152, 0.5 GB for 128k
 
 
-def sequence_logps(model, input_ids, labels):
-    """Summed response log-probs and response token counts of each row (labels -100 are not counted)."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
-    labels = labels[:, 1:]
-    mask = labels != -100
-    # One row at a time and recomputed in backward: a single [T, V] float32 log-softmax is alive at once,
-    # never the [2B, T, V] one (and its autograd copy) of a batched log_softmax.
-    logps = torch.stack([checkpoint(token_logps, row, lab, use_reentrant=False)
-                         for row, lab in zip(logits, labels.clamp(min=0))])
-    return (logps * mask).sum(-1), mask.sum(-1)
+def token_logps(head, hidden, labels):
+    return head(hidden).float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
 
 
-def sequence_rewards(reward_model, input_ids):
-    """Reward of each right-padded row: the score head at its last non-padding token (the EOS that ends the
-    response, or the token before it when padding is EOS), as transformers' sequence classifiers pool."""
-    return reward_model(input_ids=input_ids).logits[:, 0].float()
+def response_outputs(model, input_ids, position_ids, attention_mask, predict, labels=None, last=None):
+    """The log-prob of each response token (a reward model: the score at each response's last token), from the last
+    hidden state at those positions only: no logits for prompt or padding positions. The head and log-softmax run
+    in chunks recomputed in backward, so one [LOGPS_CHUNK, V] float32 block is alive at a time instead of the
+    [rows, T, V] logits and their gradient, the largest tensors of a step."""
+    hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                              use_cache=False).last_hidden_state.flatten(0, 1)
+    if labels is None:
+        return model.score(hidden[last])[:, 0].float()
+    head = model.get_output_embeddings()
+    return torch.cat([checkpoint(token_logps, head, h, y, use_reentrant=False)
+                      for h, y in zip(hidden[predict].split(LOGPS_CHUNK), labels.split(LOGPS_CHUNK))])
+
+
+def sequence_logps(model, batch):
+    """Summed log-probs of each response of a layout batch (response-major: [chosen; rejected]), and their lengths."""
+    logps = model.response_outputs(batch['input_ids'], batch['position_ids'], batch['attention_mask'],
+                                   batch['predict'], batch['labels'])
+    return logps.new_zeros(len(batch['lengths'])).index_add(0, batch['owner'], logps), batch['lengths']
+
+
+def sequence_rewards(reward_model, batch):
+    """The reward of each response of a layout batch (response-major)."""
+    return reward_model.response_outputs(batch['input_ids'], batch['position_ids'], batch['attention_mask'],
+                                         batch['predict'], last=batch['last'])
 
 
 # -----------------------------------------------------------------------------
@@ -495,38 +604,47 @@ def distillation_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 
     return errors[:, totals.argmin()]
 
 
-def kto_kl_baseline(policy, ref, batch):
-    """KTO's z: mean log-ratio of mismatched (x, y') pairs, averaged over ranks, clamped at 0; no gradient."""
+def kto_baseline(policy, ref, pairs, micro_size, pad_id, cfg, device):
+    """KTO's z for a whole global batch (every rank passes the same pairs): each prompt x_i with both responses of the
+    next pair, (x_i, y_w,i+1) and (x_i, y_l,i+1), the mismatched pairs that TRL builds from chosen and rejected
+    completions alike; z = max(0, mean log-ratio over all of them), without gradient. Each rank computes its share
+    and one all-reduce sums them: z is one value per optimizer step, whatever the split over ranks and micro-steps."""
+    rank, world, n = dist.get_rank(), dist.get_world_size(), len(pairs)
+    rows = [truncate(pairs[i].prompt, [pairs[(i + 1) % n].chosen, pairs[(i + 1) % n].rejected], cfg['max_length'],
+                     cfg['max_prompt_length']) for i in range(rank, n, world)]
+    total = torch.zeros(2, device=device)  # Σ log-ratio, count
     with torch.no_grad():
-        z = (sequence_logps(policy, batch['kl_input_ids'], batch['kl_labels'])[0]
-             - sequence_logps(ref, batch['kl_input_ids'], batch['kl_labels'])[0]).mean()
-    dist.all_reduce(z)  # SUM then divide: gloo in older torch has no AVG
-    return (z / dist.get_world_size()).clamp(min=0)
+        for start in range(0, len(rows), micro_size):
+            batch = layout(rows[start:start + micro_size], pad_id, device)
+            rho = sequence_logps(policy, batch)[0] - sequence_logps(ref, batch)[0]
+            total += torch.stack([rho.sum(), torch.tensor(float(len(rho)), device=device)])
+    dist.all_reduce(total)
+    return (total[0] / total[1]).clamp(min=0)
 
 
 def loss_denominator(batch, loss_name):
-    """What the loss of a batch averages over: response tokens for sft, pairs otherwise."""
+    """What the loss of a batch averages over: response tokens for sft, pairs (rows) otherwise."""
     if loss_name == 'sft':
-        return (batch['labels'][:, 1:] != -100).sum().float()
-    return torch.tensor(len(batch['input_ids']) / 2, device=batch['input_ids'].device)
+        return batch['lengths'].sum().float()
+    return torch.tensor(float(len(batch['input_ids'])), device=batch['input_ids'].device)
 
 
-def batch_loss(policy, ref, batch, cfg):
-    """(Σ of per-pair losses, or Σ token NLL for sft; dict of per-pair metric values) for one micro-batch."""
+def batch_loss(policy, ref, batch, cfg, kto_z=None):
+    """(Σ of per-pair losses, or Σ token NLL for sft; dict of per-pair metric values) for one micro-batch; kto_z is
+    KTO's baseline for the optimizer step (kto_baseline)."""
     if cfg['loss'] == 'rm':
-        rewards = sequence_rewards(policy, batch['input_ids'])
+        rewards = sequence_rewards(policy, batch)
         n = len(rewards) // 2
         margins = (rewards[:n] - rewards[n:]).detach()
         losses = reward_model_loss(rewards[:n], rewards[n:], cfg['rm_center_coef'])
         return losses.sum(), {'accuracy': (margins > 0).float(), 'margin': margins}
-    policy_logps, response_tokens = sequence_logps(policy, batch['input_ids'], batch['labels'])
+    policy_logps, response_tokens = sequence_logps(policy, batch)
     if cfg['loss'] == 'sft':
         return -policy_logps.sum(), {'logps/chosen': policy_logps.detach()}
     with torch.no_grad():
-        ref_logps = sequence_logps(ref, batch['input_ids'], batch['labels'])[0]
+        ref_logps = sequence_logps(ref, batch)[0]
     n = len(policy_logps) // 2
     logps = policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:]
-    kto_z = kto_kl_baseline(policy, ref, batch) if cfg['loss'] == 'kto' else None
     if cfg['loss'] in REWARD_LABELLED:
         losses = distillation_loss(*logps, batch['reward_margins'], cfg['loss'], cfg['beta'], cfg['distill_reduce'],
                                    cfg['edistill_min'])
@@ -631,17 +749,18 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def evaluate(policy, ref, pairs, tokenizer, cfg, rank, world, micro_size, device):
-    """Mean metrics over the first eval_pairs held-out pairs (a whole number of global micro-batches)."""
+def evaluate(policy, ref, pairs, pad_id, cfg, rank, world, micro_size, device):
+    """Mean metrics over the first eval_pairs held-out pairs (a whole number of global micro-batches); KTO's z is
+    one value from all of them."""
     n = min(len(pairs), cfg['eval_pairs']) // (world * micro_size) * world * micro_size
     if n == 0:
         return {}
+    kto_z = kto_baseline(policy, ref, pairs[:n], micro_size, pad_id, cfg, device) if cfg['loss'] == 'kto' else None
     sums = {}
     with torch.no_grad():
         for start in range(rank * micro_size, n, world * micro_size):
-            batch = make_batch(pairs[start:start + micro_size], tokenizer, cfg['loss'], cfg['max_length'],
-                               cfg['max_prompt_length'], device)
-            loss_sum, metrics = batch_loss(policy, ref, batch, cfg)
+            batch = make_batch(pairs[start:start + micro_size], cfg['loss'], pad_id, device)
+            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z)
             metrics.update(loss=loss_sum, denominator=loss_denominator(batch, cfg['loss']))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.sum()
@@ -657,8 +776,6 @@ def train(cfg):
     if rest or micro_size == 0:
         raise SystemExit(f"error: batch_size={cfg['batch_size']} must be a multiple of "
                          f"world_size*grad_accum={world * cfg['grad_accum']}")
-    if cfg['loss'] == 'kto' and micro_size < 2:
-        raise SystemExit('error: kto needs at least 2 pairs per micro-batch for its mismatched KL pairs')
     if master:
         print(json.dumps(cfg, indent=2))
     torch.manual_seed(cfg['seed'])
@@ -669,9 +786,12 @@ def train(cfg):
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
     need_rejected, need_rewards = cfg['loss'] != 'sft', cfg['loss'] in REWARD_LABELLED
-    train_pairs = load_pairs(cfg['data'], 'train', tokenizer, need_rejected, verbose=master, need_rewards=need_rewards)
-    eval_pairs = load_pairs(cfg['data'], 'test', tokenizer, need_rejected, verbose=master, required=False,
+    lengths = cfg['max_length'], cfg['max_prompt_length']
+    train_pairs = load_pairs(cfg['data'], 'train', tokenizer, *lengths, need_rejected, verbose=master,
+                             need_rewards=need_rewards)
+    eval_pairs = load_pairs(cfg['data'], 'test', tokenizer, *lengths, need_rejected, verbose=master, required=False,
                             need_rewards=need_rewards)
+    pad_id = padding_id(tokenizer)
 
     # models: policy and reference with fp32 master weights. A bf16 reference would round small soft updates
     # away (a change under half an ulp vanishes); fp32 costs 4 bytes per parameter per GPU, divided by the FSDP world.
@@ -718,7 +838,7 @@ def train(cfg):
                 wandb.log(record, step=record['iter'])
 
     def eval_and_save(it):
-        record = {} if eval_pairs is None else evaluate(policy, ref, eval_pairs, tokenizer, cfg, rank, world,
+        record = {} if eval_pairs is None else evaluate(policy, ref, eval_pairs, pad_id, cfg, rank, world,
                                                          micro_size, device)
         if record:
             log({'iter': it, **record})
@@ -738,9 +858,10 @@ def train(cfg):
         lr = cfg['lr'] * min(1.0, (it + 1) / (cfg['warmup_iters'] + 1))
         for group in optimizer.param_groups:
             group['lr'] = lr
-        indices = step_pair_indices(len(train_pairs), it, cfg['batch_size'], cfg['seed'])[rank::world]
-        batches = [make_batch([train_pairs[i] for i in indices[m * micro_size:(m + 1) * micro_size]], tokenizer,
-                              cfg['loss'], cfg['max_length'], cfg['max_prompt_length'], device)
+        step_pairs = [train_pairs[i] for i in step_pair_indices(len(train_pairs), it, cfg['batch_size'], cfg['seed'])]
+        kto_z = kto_baseline(policy, ref, step_pairs, micro_size, pad_id, cfg, device) if cfg['loss'] == 'kto' else None
+        mine = step_pairs[rank::world]
+        batches = [make_batch(mine[m * micro_size:(m + 1) * micro_size], cfg['loss'], pad_id, device)
                    for m in range(cfg['grad_accum'])]
         # The objective is a mean over the global batch (of pairs, or of response tokens for sft). FSDP averages
         # gradients over ranks, so each rank scales its sum by world/denominator.
@@ -749,7 +870,7 @@ def train(cfg):
         sums = {}
         for m, batch in enumerate(batches):
             policy.set_requires_gradient_sync(m == len(batches) - 1)  # reduce gradients once, after the last micro-step
-            loss_sum, metrics = batch_loss(policy, ref, batch, cfg)
+            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z)
             (loss_sum * world / denominator).backward()
             metrics = {'loss': loss_sum.detach() / denominator, 'tokens': batch['n_tokens'],
                        **{k: v.sum() / cfg['batch_size'] for k, v in metrics.items()}}

@@ -22,7 +22,9 @@ def tokenizer():
 def tiny_model(tokenizer):
     """A fresh 2-layer Llama with random weights (seed 0), float32, in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    import train_tr
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+                         attn_implementation='sdpa')
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).float().eval()
+    return train_tr.with_response_outputs(LlamaForCausalLM(config).float().eval())

@@ -1,13 +1,13 @@
 """Config parsing and the data path of train_tr.py: rendering rows, loading files, tokenizing, batching and the order
 of pairs. Expected values are written out by hand (the tiny tokenizer is only used as the ground truth for ids)."""
+import copy
 import json
 
 import pytest
 import torch
 
 import train_tr
-from train_tr import (collate, get_config, load_pairs, make_batch, read_rows, render_row, step_pair_indices,
-                      tokenize_pair)
+from train_tr import get_config, load_pairs, make_batch, read_rows, render_row, step_pair_indices, tokenize_pair
 
 PAD, EOS = 1, 0  # data/tiny/base: <|pad|> = 1, <|endoftext|> = 0 (also BOS, which this tokenizer does not add)
 
@@ -145,7 +145,19 @@ GOOD_ROWS = [{'prompt': 'Q1', 'chosen': ' yes', 'rejected': ' no'},
              {'prompt': 'Q2', 'chosen': ' up', 'rejected': ' down'},
              {'prompt': [{'role': 'user', 'content': 'Q3'}], 'chosen': [{'role': 'assistant', 'content': 'A'}],
               'rejected': [{'role': 'assistant', 'content': 'B'}]}]
-GOOD_PAIRS = [('Q1', ' yes', ' no'), ('Q2', ' up', ' down'), ('\n\nHuman: Q3\n\nAssistant:', ' A', ' B')]
+GOOD_TEXTS = [('Q1', ' yes', ' no'), ('Q2', ' up', ' down'), ('\n\nHuman: Q3\n\nAssistant:', ' A', ' B')]
+
+
+def token_lists(pairs):
+    """load_pairs' Pairs as lists of ids (prompt, chosen[, rejected])."""
+    return [[ids.tolist() for ids in pair[:3] if ids is not None] for pair in pairs]
+
+
+@pytest.fixture
+def good_pairs(tokenizer):
+    """GOOD_TEXTS tokenized as load_pairs tokenizes short pairs: the ids of each text, EOS after each response."""
+    return [[tokenizer(p).input_ids] + [tokenizer(r, add_special_tokens=False).input_ids + [EOS] for r in rs]
+            for p, *rs in GOOD_TEXTS]
 
 
 def write_jsonl(path, lines):
@@ -153,7 +165,7 @@ def write_jsonl(path, lines):
     return path
 
 
-def test_load_pairs_mixed_jsonl(tmp_path, tokenizer, capsys):
+def test_load_pairs_mixed_jsonl(tmp_path, tokenizer, capsys, good_pairs):
     lines = [json.dumps(GOOD_ROWS[0]),
              '{"prompt": "Q", "chosen": " x"',                          # invalid JSON
              json.dumps({'prompt': 'Q', 'chosen': ' x'}),              # missing key
@@ -164,7 +176,7 @@ def test_load_pairs_mixed_jsonl(tmp_path, tokenizer, capsys):
              json.dumps({'prompt': 'Q', 'chosen': 1, 'rejected': ' x'}),     # non-text
              json.dumps(GOOD_ROWS[2])]
     path = write_jsonl(tmp_path / 'mixed.jsonl', lines)
-    assert load_pairs(str(path), 'train', tokenizer) == GOOD_PAIRS
+    assert token_lists(load_pairs(str(path), 'train', tokenizer, 128, 64)) == good_pairs
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     line = out[0]
@@ -173,37 +185,39 @@ def test_load_pairs_mixed_jsonl(tmp_path, tokenizer, capsys):
     for part in ('2 not a JSON object', '1 missing key', '1 identical responses', '1 non-text field'):
         assert part in line
     # quiet mode prints nothing
-    assert load_pairs(str(path), 'train', tokenizer, verbose=False) == GOOD_PAIRS
+    assert token_lists(load_pairs(str(path), 'train', tokenizer, 128, 64, verbose=False)) == good_pairs
     assert capsys.readouterr().out == ''
 
 
-def test_load_pairs_clean_file_prints_no_skips(tmp_path, tokenizer, capsys):
+def test_load_pairs_clean_file_prints_no_skips(tmp_path, tokenizer, capsys, good_pairs):
     path = write_jsonl(tmp_path / 'clean.jsonl', [json.dumps(r) for r in GOOD_ROWS])
-    assert load_pairs(str(path), 'train', tokenizer) == GOOD_PAIRS
+    assert token_lists(load_pairs(str(path), 'train', tokenizer, 128, 64)) == good_pairs
     assert capsys.readouterr().out.strip() == f'{path}: 3 pairs'
 
 
 def test_load_pairs_only_bad_rows_exits(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / 'all_bad.jsonl', ['not json', json.dumps({'prompt': 'Q'}), '[]'])
     with pytest.raises(SystemExit) as info:
-        load_pairs(str(path), 'train', tokenizer, verbose=False)
+        load_pairs(str(path), 'train', tokenizer, 128, 64, verbose=False)
     assert str(path) in str(info.value) and '3 rows' in str(info.value)
 
 
 def test_load_pairs_need_rejected_false(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / 'sft.jsonl', [json.dumps({'prompt': 'Q', 'chosen': ' A'})])
-    assert load_pairs(str(path), 'train', tokenizer, need_rejected=False, verbose=False) == [('Q', ' A', None)]
+    pairs = load_pairs(str(path), 'train', tokenizer, 128, 64, need_rejected=False, verbose=False)
+    assert token_lists(pairs) == [[tokenizer('Q').input_ids, tokenizer(' A', add_special_tokens=False).input_ids + [EOS]]]
+    assert pairs[0].rejected is None
     with pytest.raises(SystemExit):
-        load_pairs(str(path), 'train', tokenizer, need_rejected=True, verbose=False)
+        load_pairs(str(path), 'train', tokenizer, 128, 64, need_rejected=True, verbose=False)
 
 
-def test_load_pairs_json_array(tmp_path, tokenizer):
+def test_load_pairs_json_array(tmp_path, tokenizer, good_pairs):
     path = tmp_path / 'rows.json'
     path.write_text(json.dumps(GOOD_ROWS + [{'prompt': 'Q'}], indent=2))
-    assert load_pairs(str(path), 'train', tokenizer, verbose=False) == GOOD_PAIRS
+    assert token_lists(load_pairs(str(path), 'train', tokenizer, 128, 64, verbose=False)) == good_pairs
     path.write_text(json.dumps(GOOD_ROWS)[:-5])  # a cut-off array is an error naming the file, not a traceback
     with pytest.raises(SystemExit, match='rows.json is not a valid JSON array'):
-        load_pairs(str(path), 'train', tokenizer, verbose=False)
+        load_pairs(str(path), 'train', tokenizer, 128, 64, verbose=False)
 
 
 def test_render_chat_template_mismatch_is_a_bad_row(tokenizer, monkeypatch):
@@ -226,25 +240,25 @@ def test_read_rows_from_a_hub_dataset_name(monkeypatch):
     assert read_rows('org/prefs', 'test') == (GOOD_ROWS[1:2], 'org/prefs[validation]')
 
 
-def test_load_pairs_parquet(tmp_path, tokenizer):
+def test_load_pairs_parquet(tmp_path, tokenizer, good_pairs):
     import datasets
     rows = [r for r in GOOD_ROWS if isinstance(r['prompt'], str)] + [{'prompt': 'Q3', 'chosen': ' c', 'rejected': ' c'}]
     path = tmp_path / 'rows.parquet'
     datasets.Dataset.from_list(rows).to_parquet(str(path))
-    assert load_pairs(str(path), 'train', tokenizer, verbose=False) == GOOD_PAIRS[:2]
+    assert token_lists(load_pairs(str(path), 'train', tokenizer, 128, 64, verbose=False)) == good_pairs[:2]
 
 
-def test_load_pairs_folder_and_missing_split(tmp_path, tokenizer):
+def test_load_pairs_folder_and_missing_split(tmp_path, tokenizer, good_pairs):
     write_jsonl(tmp_path / 'train.jsonl', [json.dumps(r) for r in GOOD_ROWS])
     (tmp_path / 'test.txt').write_text('not a data file')
-    assert load_pairs(str(tmp_path), 'train', tokenizer, verbose=False) == GOOD_PAIRS
-    assert load_pairs(str(tmp_path), 'test', tokenizer, verbose=False, required=False) is None
+    assert token_lists(load_pairs(str(tmp_path), 'train', tokenizer, 128, 64, verbose=False)) == good_pairs
+    assert load_pairs(str(tmp_path), 'test', tokenizer, 128, 64, verbose=False, required=False) is None
     with pytest.raises(SystemExit, match='no test.jsonl, test.json or test.parquet in'):
-        load_pairs(str(tmp_path), 'test', tokenizer, verbose=False)  # required by default
+        load_pairs(str(tmp_path), 'test', tokenizer, 128, 64, verbose=False)  # required by default
     # a single file has no test split
-    assert load_pairs(str(tmp_path / 'train.jsonl'), 'test', tokenizer, verbose=False, required=False) is None
+    assert load_pairs(str(tmp_path / 'train.jsonl'), 'test', tokenizer, 128, 64, verbose=False, required=False) is None
     with pytest.raises(FileNotFoundError):
-        load_pairs(str(tmp_path / 'missing.jsonl'), 'train', tokenizer)
+        load_pairs(str(tmp_path / 'missing.jsonl'), 'train', tokenizer, 128, 64)
 
 
 # -----------------------------------------------------------------------------
@@ -305,71 +319,146 @@ def test_tokenize_response_cut_when_prompt_already_short(tokenizer):
 
 
 # -----------------------------------------------------------------------------
-# collate / make_batch
-def test_collate_hand_example():
-    input_ids, labels = collate([([5, 6], [7, 8, 9]), ([5], [10])], pad_id=PAD)
-    assert input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 10, 1, 1, 1]]
-    assert labels.tolist() == [[-100, -100, 7, 8, 9], [-100, 10, -100, -100, -100]]
-    assert input_ids.dtype == labels.dtype == torch.long
+# the end of a response: EOS after plain text, nothing after a chat template's end of turn
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+@pytest.fixture
+def chatml(tokenizer):
+    """The tiny tokenizer with a ChatML-style template (its markers are plain text to this tokenizer)."""
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHATML
+    return chat
+
+
+def test_end_of_turn(tokenizer, chatml):
+    assert train_tr.end_of_turn(tokenizer) == ''  # the HH template ends a turn with nothing
+    assert train_tr.end_of_turn(chatml) == '<|im_end|>\n'
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    assert train_tr.end_of_turn(plain) == ''
+
+
+def test_eos_after_plain_text_once(tokenizer):
+    assert train_tr.tokenize_response(tokenizer, ' Hello') == ids(tokenizer, ' Hello') + [EOS]
+    ending_with_eos = train_tr.tokenize_response(tokenizer, ' Hello<|endoftext|>')
+    assert ending_with_eos == ids(tokenizer, ' Hello') + [EOS]  # the text's own EOS, not doubled
+
+
+def test_no_eos_after_the_template_end_of_turn(chatml):
+    """A message-list response renders as 'Hello<|im_end|>\\n': those ids exactly, as the template wrote them."""
+    row = {'prompt': [{'role': 'user', 'content': 'Hi'}], 'chosen': [{'role': 'assistant', 'content': 'Hello'}],
+           'rejected': [{'role': 'assistant', 'content': 'Bye'}]}
+    prompt_text, chosen, rejected = render_row(row, chatml)
+    assert chosen == 'Hello<|im_end|>\n'
+    text, (prompt_ids, chosen_ids, rejected_ids) = train_tr.encode_row(row, chatml, 128, 64,
+                                                                       turn_end=train_tr.end_of_turn(chatml))
+    full = chatml.apply_chat_template(row['prompt'] + row['chosen'], tokenize=False)
+    assert text == prompt_text and prompt_ids + chosen_ids == chatml(full).input_ids
+    assert chosen_ids == ids(chatml, 'Hello<|im_end|>\n') and EOS not in chosen_ids + rejected_ids
+    # the same text as a plain string row ends with the end of turn too: no EOS after it either
+    assert train_tr.tokenize_response(chatml, 'Hello<|im_end|>\n', '<|im_end|>\n') == ids(chatml, 'Hello<|im_end|>\n')
+
+
+# -----------------------------------------------------------------------------
+# a too-long chat prompt loses whole exchanges, oldest first
+def turns(*texts):
+    return [{'role': 'user' if i % 2 == 0 else 'assistant', 'content': t} for i, t in enumerate(texts)]
+
+
+def test_without_oldest_exchange():
+    system = [{'role': 'system', 'content': 'S'}]
+    assert train_tr.without_oldest_exchange(system + turns('u1', 'a1', 'u2', 'a2', 'u3')) == system + turns('u2', 'a2', 'u3')
+    assert train_tr.without_oldest_exchange(turns('u1', 'a1', 'u2')) == [{'role': 'user', 'content': 'u2'}]
+    assert train_tr.without_oldest_exchange(system + turns('u1')) is None
+
+
+def test_long_chat_prompt_drops_oldest_turns(chatml):
+    """A system turn and three user turns, 216 tokens; without the first exchange 146. With max_length 180 and
+    max_prompt_length 160 the first exchange is dropped whole, the system turn and the last user turn stay, and
+    nothing is cut inside a turn."""
+    system = [{'role': 'system', 'content': 'Be brief.'}]
+    long = ' '.join(['word'] * 8)
+    prompt = system + turns(f'first {long}', f'answer {long}', f'second {long}', f'reply {long}', 'third?')
+    row = {'prompt': prompt, 'chosen': [{'role': 'assistant', 'content': 'Yes.'}],
+           'rejected': [{'role': 'assistant', 'content': 'No.'}]}
+    everything = len(chatml(chatml.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)).input_ids)
+    kept = system + turns(f'second {long}', f'reply {long}', 'third?')
+    kept_ids = chatml(chatml.apply_chat_template(kept, tokenize=False, add_generation_prompt=True)).input_ids
+    assert (len(kept_ids), everything) == (146, 216)
+    text, (prompt_ids, chosen_ids, _) = train_tr.encode_row(row, chatml, 180, 160, turn_end='<|im_end|>\n')
+    assert prompt_ids == kept_ids and text.startswith('<|im_start|>system\nBe brief.') and 'first' not in text
+    assert chosen_ids == ids(chatml, 'Yes.<|im_end|>\n')
+    # a pair that fits max_length keeps its whole prompt, however long (as for text prompts)
+    assert train_tr.encode_row(row, chatml, 1000, 160, turn_end='<|im_end|>\n')[1][0] == chatml(
+        chatml.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)).input_ids
+    # a single user turn (64 tokens) over max_prompt_length is cut like text: it keeps its last tokens
+    alone = {**row, 'prompt': turns(f'only {long} {long} {long}')}
+    full = chatml(chatml.apply_chat_template(alone['prompt'], tokenize=False, add_generation_prompt=True)).input_ids
+    assert len(full) == 64 and train_tr.encode_row(alone, chatml, 60, 40, turn_end='<|im_end|>\n')[1][0] == full[-40:]
+
+
+# -----------------------------------------------------------------------------
+# make_batch
 PAIRS = [('\n\nHuman: Say box two times.\n\nAssistant:', ' box box', ' box box box box box'),
          ('\n\nHuman: Hi\n\nAssistant:', ' Hello there, how can I help?', ' Go away.'),
          ('\n\nHuman: What is 4 plus 1?\n\nAssistant:', ' 4 plus 1 is 5.', ' 6')]
 
 
-def expected_rows(tokenizer, pairs, which):
-    """(prompt ids, response ids with EOS) per pair, from the tokenizer directly (the pairs are all short)."""
-    return [(ids(tokenizer, p), ids(tokenizer, (c, r)[which]) + [EOS]) for p, c, r in pairs]
-
-
-def check_rows(input_ids, labels, rows):
-    assert input_ids.shape[0] == len(rows)
-    assert input_ids.shape[1] == max(len(p) + len(r) for p, r in rows)
-    for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        assert input_ids[i, :n].tolist() == p + r
-        assert (input_ids[i, n:] == PAD).all()
-        assert (labels[i, :len(p)] == -100).all()          # prompt
-        assert labels[i, len(p):n].tolist() == r            # response
-        assert (labels[i, n:] == -100).all()                # padding
+def tokenized(tokenizer, texts):
+    return [train_tr.Pair(*(torch.tensor(x, dtype=torch.int32) for x in tokenize_pair(tokenizer, *t, 128, 64)))
+            for t in texts]
 
 
 def test_make_batch_dpo_layout(tokenizer):
-    batch = make_batch(PAIRS, tokenizer, 'dpo', max_length=128, max_prompt_length=64)
-    chosen, rejected = expected_rows(tokenizer, PAIRS, 0), expected_rows(tokenizer, PAIRS, 1)
-    check_rows(batch['input_ids'], batch['labels'], chosen + rejected)  # [chosen rows; rejected rows]
-    assert batch['n_tokens'] == sum(len(p) + len(r) for p, r in chosen + rejected)
-    assert 'kl_input_ids' not in batch
-    # labels hold exactly the response tokens: their count is the responses' length
-    assert (batch['labels'] != -100).sum() == sum(len(r) for _, r in chosen + rejected)
+    """One row per pair: prompt, chosen + EOS, rejected + EOS, right-padded; labels are the chosen responses of every
+    row, then the rejected ones."""
+    batch = make_batch(tokenized(tokenizer, PAIRS), 'dpo', PAD)
+    rows = [(ids(tokenizer, p), ids(tokenizer, c) + [EOS], ids(tokenizer, r) + [EOS]) for p, c, r in PAIRS]
+    width = max(len(p) + len(c) + len(r) for p, c, r in rows)
+    assert batch['input_ids'].tolist() == [p + c + r + [PAD] * (width - len(p + c + r)) for p, c, r in rows]
+    assert batch['labels'].tolist() == sum([c for _, c, _ in rows] + [r for _, _, r in rows], [])
+    assert batch['lengths'].tolist() == [len(c) for _, c, _ in rows] + [len(r) for _, _, r in rows]
+    assert batch['n_tokens'] == sum(len(p + c + r) for p, c, r in rows)
+    assert batch['labels'].dtype == batch['input_ids'].dtype == torch.long
 
 
 def test_make_batch_sft_has_chosen_only(tokenizer):
-    pairs = [(p, c, None) for p, c, _ in PAIRS]
-    batch = make_batch(pairs, tokenizer, 'sft', max_length=128, max_prompt_length=64)
-    check_rows(batch['input_ids'], batch['labels'], expected_rows(tokenizer, PAIRS, 0))
-    # with rejected texts present, sft still ignores them
-    batch = make_batch(PAIRS, tokenizer, 'sft', max_length=128, max_prompt_length=64)
-    check_rows(batch['input_ids'], batch['labels'], expected_rows(tokenizer, PAIRS, 0))
+    expected = [ids(tokenizer, p) + ids(tokenizer, c) + [EOS] for p, c, _ in PAIRS]
+    for pairs in (tokenized(tokenizer, [(p, c, None) for p, c, _ in PAIRS]), tokenized(tokenizer, PAIRS)):
+        batch = make_batch(pairs, 'sft', PAD)  # with rejected responses present, sft still ignores them
+        assert [row[:len(e)] for row, e in zip(batch['input_ids'].tolist(), expected)] == expected
+        assert batch['lengths'].tolist() == [len(ids(tokenizer, c)) + 1 for _, c, _ in PAIRS]
 
 
-def test_make_batch_kto_mismatched_pairs(tokenizer):
-    """Row i of the KL batch: prompt i with the chosen response of pair (i+1) % 3, i.e. pairs (0,1), (1,2), (2,0)."""
-    batch = make_batch(PAIRS, tokenizer, 'kto', max_length=128, max_prompt_length=64)
-    chosen, rejected = expected_rows(tokenizer, PAIRS, 0), expected_rows(tokenizer, PAIRS, 1)
-    check_rows(batch['input_ids'], batch['labels'], chosen + rejected)
-    mismatched = [(chosen[0][0], chosen[1][1]), (chosen[1][0], chosen[2][1]), (chosen[2][0], chosen[0][1])]
-    check_rows(batch['kl_input_ids'], batch['kl_labels'], mismatched)
+def test_kto_baseline_hand_value(tokenizer, tiny_model):
+    """z = max(0, mean over i of the log-ratios of (x_i, y_w,i+1) and (x_i, y_l,i+1)), from plain forwards; swapping
+    policy and reference negates the mean, so one order is clamped to 0 and the other is not."""
+    from test_losses import plain_logps
+    train_tr.setup_distributed('cpu')
+    pairs = tokenized(tokenizer, PAIRS)
+    other = train_tr.with_response_outputs(copy.deepcopy(tiny_model))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        mean = sum(plain_logps(tiny_model, pairs[i].prompt.tolist(), r.tolist())
+                   - plain_logps(other, pairs[i].prompt.tolist(), r.tolist())
+                   for i in range(3) for r in (pairs[(i + 1) % 3].chosen, pairs[(i + 1) % 3].rejected)) / 6
+        cfg = {'max_length': 128, 'max_prompt_length': 64}
+        z = train_tr.kto_baseline(tiny_model, other, pairs, 2, PAD, cfg, 'cpu')
+        z_swapped = train_tr.kto_baseline(other, tiny_model, pairs, 2, PAD, cfg, 'cpu')
+    assert abs(mean) > 1e-3
+    assert z.item() == pytest.approx(max(0.0, mean.item()), abs=1e-5)
+    assert z_swapped.item() == pytest.approx(max(0.0, -mean.item()), abs=1e-5)
 
 
-def test_make_batch_truncates(tokenizer):
-    """PROMPT (15) + LONG (25) > 20: prompt → last 8 tokens, responses → at most 12; every row is 20 or shorter."""
-    batch = make_batch([(PROMPT, SHORT, LONG)], tokenizer, 'dpo', max_length=20, max_prompt_length=8)
-    prompt = ids(tokenizer, PROMPT)[-8:]
-    check_rows(batch['input_ids'], batch['labels'],
-               [(prompt, ids(tokenizer, SHORT) + [EOS]), (prompt, ids(tokenizer, LONG)[:12])])
-    assert batch['input_ids'].shape == (2, 20)
+def test_load_pairs_truncates_at_load_time(tmp_path, tokenizer):
+    """PROMPT (15) + LONG (25 with EOS) > 20: the prompt keeps its last 8 tokens and LONG is cut to 12."""
+    path = write_jsonl(tmp_path / 'long.jsonl', [json.dumps({'prompt': PROMPT, 'chosen': SHORT, 'rejected': LONG})])
+    [pair] = load_pairs(str(path), 'train', tokenizer, 20, 8, verbose=False)
+    assert pair.prompt.tolist() == ids(tokenizer, PROMPT)[-8:]
+    assert pair.chosen.tolist() == ids(tokenizer, SHORT) + [EOS] and pair.rejected.tolist() == ids(tokenizer, LONG)[:12]
 
 
 # -----------------------------------------------------------------------------

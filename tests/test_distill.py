@@ -77,20 +77,20 @@ def test_edistill_one_model_equals_distill():
 def test_batch_loss_pessimism_term_hand_value(tiny_model, tokenizer):
     """pdpo at the reference: every ρ = 0, so the loss is log 2 per pair plus γ·0. After moving the policy, the term
     is γ·KL with KL = −(ρ_w + ρ_l)/2, checked against sequence_logps computed here."""
-    pairs = [(*p, (1.0,)) for p in load_pairs(REPO / 'data/tiny', 'test', tokenizer, verbose=False)[:3]]
-    batch = train_tr.make_batch(pairs, tokenizer, 'pdpo', 128, 64)
+    pairs = [p._replace(reward_margins=(1.0,)) for p in load_pairs(REPO / 'data/tiny', 'test', tokenizer, 128, 64,
+                                                                    verbose=False)[:3]]
+    batch = train_tr.make_batch(pairs, 'pdpo', tokenizer.pad_token_id)
     ref = tiny_model
     cfg = train_tr.get_config(['--loss=pdpo', '--pessimism_gamma=0.3', '--beta=0.2'])
     loss_sum, metrics = train_tr.batch_loss(ref, ref, batch, cfg)
     assert loss_sum.item() == pytest.approx(3 * math.log(2), abs=1e-6)
     assert metrics['forward_kl'].tolist() == [0.0, 0.0, 0.0]
-    policy = type(ref)(ref.config)
+    policy = train_tr.with_response_outputs(type(ref)(ref.config))
     policy.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in ref.state_dict().items()})
     policy.eval()
     loss_sum, metrics = train_tr.batch_loss(policy, ref, batch, cfg)
     with torch.no_grad():
-        rho = (train_tr.sequence_logps(policy, batch['input_ids'], batch['labels'])[0]
-               - train_tr.sequence_logps(ref, batch['input_ids'], batch['labels'])[0])
+        rho = train_tr.sequence_logps(policy, batch)[0] - train_tr.sequence_logps(ref, batch)[0]
     kl = -(rho[:3] + rho[3:]) / 2
     dpo = -torch.nn.functional.logsigmoid(0.2 * (rho[:3] - rho[3:]))
     assert metrics['forward_kl'].tolist() == pytest.approx(kl.tolist(), abs=1e-6)
@@ -133,14 +133,14 @@ def test_bad_labels_name_file_and_row(tmp_path, tokenizer, edit, message):
     folder = write_labelled(tmp_path / 'data', rows_per_split=10, edit=lambda split, rows: split == 'train' and edit(
         split, rows))
     with pytest.raises(SystemExit, match=f"{tmp_path / 'data' / 'train.jsonl'} {message}".replace('(', r'\(')):
-        load_pairs(folder, 'train', tokenizer, verbose=False, need_rewards=True)
+        load_pairs(folder, 'train', tokenizer, 128, 64, verbose=False, need_rewards=True)
 
 
 def test_scalar_rewards_count_as_lists_of_one(tmp_path, tokenizer):
     folder = write_labelled(tmp_path / 'data', rows_per_split=4, edit=lambda split, rows: [
         r.update(reward_chosen=r['reward_chosen'][0], reward_rejected=r['reward_rejected'][0]) for r in rows])
-    pairs = load_pairs(folder, 'train', tokenizer, verbose=False, need_rewards=True)
-    assert [p[3] for p in pairs] == [(0.5 + (i % 7) / 8 + (i % 5) / 4,) for i in range(4)]
+    pairs = load_pairs(folder, 'train', tokenizer, 128, 64, verbose=False, need_rewards=True)
+    assert [p.reward_margins for p in pairs] == [(0.5 + (i % 7) / 8 + (i % 5) / 4,) for i in range(4)]
 
 
 def test_distill_on_unlabelled_data_stops_before_training(tmp_path):
@@ -247,10 +247,11 @@ def test_reward_model_learns_the_rule_and_loads_with_from_pretrained(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
-    pairs = load_pairs(REPO / 'data/tiny', 'test', tokenizer, verbose=False)[:64]
-    with torch.no_grad():
-        rewards = train_tr.sequence_rewards(model, train_tr.make_batch(pairs, tokenizer, 'rm', 128, 64)['input_ids'])
-    assert (rewards[:64] > rewards[64:]).float().mean() > 0.7
+    pairs = load_pairs(REPO / 'data/tiny', 'test', tokenizer, 128, 64, verbose=False)[:64]
+    with torch.no_grad():  # transformers' own pooling, one unpadded sequence at a time
+        rewards = [[model(input_ids=torch.cat([p.prompt, r])[None].long()).logits.item() for r in (p.chosen, p.rejected)]
+                   for p in pairs]
+    assert sum(c > r for c, r in rewards) / 64 > 0.7
     assert final_state(tmp_path)['ref'] is None
 
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 import judge
-from train_tr import collate, load_model, read_rows, render_row, sequence_rewards, tokenize_pair
+from train_tr import load_model, read_rows, render_row, tokenize_pair
 from test_sample import one_thread  # noqa: F401 (autouse: one torch thread in these tests too)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,11 +243,11 @@ def load_reward_model(name):
 
 
 def direct_reward(name, prompt, response):
-    """The reward of one (prompt, response), unbatched, with train_tr.py's functions only."""
+    """The reward of one (prompt, response), unbatched: train_tr.py's tokenization, transformers' own classifier."""
     tokenizer, model = load_reward_model(name)
     with torch.no_grad():
-        ids = collate([tokenize_pair(tokenizer, prompt, response, None, 128, 64)], tokenizer.pad_token_id)[0]
-        return sequence_rewards(model, ids).item()
+        prompt_ids, response_ids = tokenize_pair(tokenizer, prompt, response, None, 128, 64)
+        return model(input_ids=torch.tensor([prompt_ids + response_ids])).logits.item()
 
 
 def test_label_writes_rewards_and_resumes(tmp_path, reward_models):

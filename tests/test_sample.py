@@ -50,8 +50,8 @@ def test_same_seed_same_samples_other_seed_other_samples(tmp_path):
 
 def test_left_padded_batch_equals_one_prompt_at_a_time(tokenizer):
     model = load_model(SFT).eval()
-    prompts = [p for p, _, _ in load_pairs(REPO / 'data/tiny', 'test', tokenizer, need_rejected=False, verbose=False)]
-    ids = [tokenize_prompt(tokenizer, p) for p in prompts[:6]]
+    pairs = load_pairs(REPO / 'data/tiny', 'test', tokenizer, 64, 64, need_rejected=False, verbose=False)
+    ids = [pair.prompt.tolist() for pair in pairs[:6]]
     assert len(set(map(len, ids))) > 1  # the batch really is padded
     batched = sample.generate(model, ids, tokenizer.pad_token_id, tokenizer.eos_token_id, 40)
     alone = [sample.generate(model, [x], tokenizer.pad_token_id, tokenizer.eos_token_id, 40)[0] for x in ids]

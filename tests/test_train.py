@@ -115,6 +115,20 @@ def test_two_processes_match_one(tmp_path):
     assert_same_weights(one_state['ref'], two_state['ref'], atol=1e-5)
 
 
+def test_kto_baseline_is_one_value_per_step(tmp_path):
+    """KTO's z comes from the whole global batch, so 1 process, 1 process with 2 micro-steps and 2 processes give the
+    same z and losses. The reference is the random base model, so the SFT policy's log-ratios on mismatched pairs
+    are large and z > 0 (against a copy of the policy it would be clamped to 0 and prove nothing)."""
+    args = [*SMALL, '--max_iters=3', '--loss=kto', '--ref_from=data/toy/base', '--ref_update=none']
+    _, one = run(tmp_path / 'one', *args)
+    _, accum = run(tmp_path / 'accum', *args, '--grad_accum=2')
+    _, two = run(tmp_path / 'two', *args, nproc=2)
+    assert min(r['kl'] for r in one) > 10
+    for a, b, c in zip(one, accum, two, strict=True):
+        for key in ('kl', 'loss', 'grad_norm'):
+            assert a[key] == pytest.approx(b[key], rel=1e-5) and a[key] == pytest.approx(c[key], rel=1e-5), key
+
+
 def test_soft_update_on_fsdp_shards_equals_formula():
     """2-process gloo: the communication-free update of local shards equals the formula on gathered parameters."""
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
