@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_tr
+from conftest import plain_logps
 from train_tr import get_config, load_pairs, make_batch, read_rows, render_row, step_pair_indices, tokenize_pair
 
 PAD, EOS = 1, 0  # data/tiny/base: <|pad|> = 1, <|endoftext|> = 0 (also BOS, which this tokenizer does not add)
@@ -435,7 +436,6 @@ def test_make_batch_sft_has_chosen_only(tokenizer):
 def test_kto_baseline_hand_value(tokenizer, tiny_model):
     """z = max(0, mean over i of the log-ratios of (x_i, y_w,i+1) and (x_i, y_l,i+1)), from plain forwards; swapping
     policy and reference negates the mean, so one order is clamped to 0 and the other is not."""
-    from test_losses import plain_logps
     train_tr.setup_distributed('cpu')
     pairs = tokenized(tokenizer, PAIRS)
     other = train_tr.with_response_outputs(copy.deepcopy(tiny_model))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_tr
+from conftest import padded_logps, plain_logps
 from train_tr import preference_loss, update_reference
 
 
@@ -134,22 +135,6 @@ def test_unknown_loss_raises():
 
 # -----------------------------------------------------------------------------
 # sequence log-probs: the shared-prompt layout against plain forwards, on tiny random models
-def plain_logps(model, prompt, response):
-    """Σ_t log π(response_t | prompt, response_<t) from one unpadded forward of prompt + response, token by token."""
-    logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
-    return sum(torch.log_softmax(logits[len(prompt) + t - 1], dim=-1)[token] for t, token in enumerate(response))
-
-
-def padded_logps(model, sequences, pad_id=1):
-    """The plain padded path (the DPO repository's): one right-padded row per (prompt, response), no attention mask,
-    the full logits, summed over the response positions."""
-    width = max(len(p) + len(r) for p, r in sequences)
-    input_ids = torch.tensor([p + r + [pad_id] * (width - len(p) - len(r)) for p, r in sequences])
-    logps = model(input_ids=input_ids).logits[:, :-1].float().log_softmax(-1)
-    return torch.stack([logps[i, len(p) - 1:len(p) + len(r) - 1].gather(-1, torch.tensor(r)[:, None]).sum()
-                        for i, (p, r) in enumerate(sequences)])
-
-
 PROMPTS = [[5, 6, 7], [8, 9], [30, 31, 32, 33, 34, 35, 36]]
 CHOSEN = [[100, 101, 102, 103], [110, 111], [120]]
 REJECTED = [[200, 201], [210, 211, 212, 213, 214, 215, 216], [220, 221, 222]]

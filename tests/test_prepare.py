@@ -80,6 +80,22 @@ def test_hh_skip_reasons_inline():
     assert hh.hh_to_canonical({"chosen": f"{H} a{A} b", "rejected": f"{H} a{A} b"}) == "identical responses"
 
 
+def test_hh_messages():
+    """--messages: the dialogue as alternating user/assistant turns (stripped), each response one assistant turn."""
+    H, A = "\n\nHuman:", "\n\nAssistant:"
+    row = {"chosen": f"{H} Hi there{A} Hello! How can I help?{H} Name a fruit.{A} An apple.",
+           "rejected": f"{H} Hi there{A} Hello! How can I help?{H} Name a fruit.{A} A car."}
+    assert hh.hh_to_messages(row) == {
+        "prompt": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+                   {"role": "user", "content": "Name a fruit."}],
+        "chosen": [{"role": "assistant", "content": "An apple."}],
+        "rejected": [{"role": "assistant", "content": "A car."}]}
+    assert hh.hh_to_messages({"chosen": f"{H} a{A} b", "rejected": f"{H} a{A}"}) == "empty response"
+    assert hh.hh_to_messages({"chosen": f"{H} a{H} b{A} c", "rejected": f"{H} a{H} b{A} d"}) == "not a dialogue"
+    assert hh.hh_to_messages({"chosen": f"intro{H} a{A} c", "rejected": f"intro{H} a{A} d"}) == "not a dialogue"
+    assert hh.hh_to_messages({"chosen": f"{H} {A} c", "rejected": f"{H} {A} d"}) == "not a dialogue"  # empty turn
+
+
 def test_tldr_fixture():
     rows = read_jsonl(FIXTURES / "tldr_raw.jsonl")
     kept, skipped = tldr.convert(rows)
@@ -149,3 +165,8 @@ def test_hh_real_rows(tmp_path):
     stdout = run_script("data/hh/prepare.py", f"--raw={SHARED_HH}", f"--out_dir={tmp_path}")
     assert stdout.strip() == "hh test: kept 299 of 300 rows (skipped: 1 empty response)"
     assert read_jsonl(tmp_path / "test.jsonl") == kept
+    stdout = run_script("data/hh/prepare.py", f"--raw={SHARED_HH}", "--messages", f"--out_dir={tmp_path / 'chat'}")
+    chat = read_jsonl(tmp_path / "chat" / "test.jsonl")
+    assert stdout.strip() == f"hh test: kept {len(chat)} of 300 rows (skipped: 1 empty response)" and len(chat) == 299
+    for row, text in zip(chat, kept):  # the same dialogues: each turn's text is in the HH prompt
+        assert row["prompt"][-1]["role"] == "user" and all(t["content"] in text["prompt"] for t in row["prompt"])

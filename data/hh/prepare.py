@@ -9,12 +9,16 @@ check the row instead of trusting it, and skip and count rows that
   - whose `rejected` does not start with that prompt      (prompt mismatch: the dialogues diverge in an earlier turn)
   - whose chosen or rejected response is empty/whitespace (empty response)
   - whose two responses are identical                     (identical responses: no preference signal)
+With --messages the rows are chat-message lists for models with a chat template (TRL's conversational format): the
+prompt is the dialogue as alternating {"role": "user"|"assistant", "content"} turns (stripped), each response one
+assistant turn; a prompt that does not alternate Human/Assistant from a Human turn is skipped (not a dialogue).
 
 Usage (from the repo root):
   python data/hh/prepare.py                               # HF Anthropic/hh-rlhf, default config (all four subsets)
   python data/hh/prepare.py --data_dir=helpful-base       # one subset, passed through to load_dataset
   python data/hh/prepare.py --raw=path/to/harmless-base   # local raw files: a directory, a glob, or several paths
   python data/hh/prepare.py --raw a/train.jsonl.gz b/test.jsonl.gz --out_dir=/tmp/hh
+  python data/hh/prepare.py --data_dir=harmless-base --messages --out_dir=data/hh_chat    # for chat models
 Local files are the raw *.jsonl.gz / *.jsonl of the anthropics/hh-rlhf repo; the split comes from the file name
 ("train" or "test"). Writes data/hh/train.jsonl and data/hh/test.jsonl (or into --out_dir).
 
@@ -24,6 +28,7 @@ Kept counts on the full data: not measured here (no network). On the first 300 r
 """
 import argparse
 import os
+import re
 import sys
 
 # prepare_common.py sits in data/, which is no package: put data/ on the path so this runs from any working directory
@@ -51,9 +56,25 @@ def hh_to_canonical(row):
     return {"prompt": prompt, "chosen": chosen_resp, "rejected": rejected_resp}
 
 
-def convert(rows):
+def hh_to_messages(row):
+    """One raw HH row -> {"prompt": [turns], "chosen": [assistant turn], "rejected": [assistant turn]}, or a reason."""
+    canonical = hh_to_canonical(row)
+    if isinstance(canonical, str):
+        return canonical
+    # "\n\nHuman: a\n\nAssistant: b ... \n\nAssistant:" -> ['', 'Human', ' a', 'Assistant', ' b', ..., 'Assistant', '']
+    parts = re.split(r"\n\n(Human|Assistant):", canonical["prompt"])
+    speakers, texts = parts[1:-2:2], [t.strip() for t in parts[2:-2:2]]
+    n = len(speakers)
+    if parts[0] or n % 2 == 0 or speakers != (["Human", "Assistant"] * n)[:n] or not all(texts):
+        return "not a dialogue"
+    prompt = [{"role": "user" if s == "Human" else "assistant", "content": t} for s, t in zip(speakers, texts)]
+    return {"prompt": prompt, **{k: [{"role": "assistant", "content": canonical[k].strip()}]
+                                 for k in ("chosen", "rejected")}}
+
+
+def convert(rows, messages=False):
     """Raw rows -> (kept canonical rows, Counter of skip reasons); nothing is dropped without being counted."""
-    return prepare_common.convert(rows, hh_to_canonical)
+    return prepare_common.convert(rows, hh_to_messages if messages else hh_to_canonical)
 
 
 def split_of(path):
@@ -81,6 +102,8 @@ if __name__ == "__main__":
     parser.add_argument("--raw", nargs="+", action="extend", help="local raw files, directories or globs")
     parser.add_argument("--data_dir", default=None, help="HF subset, e.g. harmless-base (default: all four)")
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--messages", action="store_true", help="chat-message lists instead of HH text")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
-    write_splits("hh", load_splits(args.raw, args.data_dir), hh_to_canonical, args.out_dir)
+    write_splits("hh", load_splits(args.raw, args.data_dir), hh_to_messages if args.messages else hh_to_canonical,
+                 args.out_dir)
