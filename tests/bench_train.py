@@ -1,0 +1,205 @@
+"""Benchmark (not a test): training throughput and peak memory of train_tr.py, and of TRL's DPOTrainer on the same rows
+when `trl` is importable (it is never a dependency: install it in a scratch venv). Run it on a quiet machine.
+
+    python tests/bench_train.py                          # tiny and SmolLM2, float32 and bfloat16, nanoTR and TRL
+    python tests/bench_train.py --models=tiny --dtypes=float32 --trainers=nanotr
+
+The setting both trainers run: TR-DPO (β = 0.1, soft update α = 0.6 every 2 steps: TRL's sync_ref_model with
+ref_model_mixup_alpha and ref_model_sync_steps), AdamW at lr 1e-6, max grad norm 2, no gradient checkpointing, no
+evaluation or saving inside the timed steps. bfloat16 means bf16 compute over float32 weights in both (FSDP's mixed
+precision here, autocast in TRL).
+    tiny     data/toy's SFT model (0.13M parameters) on data/toy's pairs, 8 pairs per step
+    smollm2  SmolLM2-135M-Instruct (data/smollm2/prepare.py) on HH rows as chat messages that need no truncation at
+             max_length 256 (../shared's HH sample through data/hh/prepare.py --messages, or --hh=FILE), 4 pairs per step
+Each (model, dtype, trainer) runs in its own process, so peak memory is the peak RSS of that process alone (read after
+the last timed step, before any checkpoint). Throughput is the mean over the timed steps, after warm-up steps:
+    pairs/s    preference pairs per second
+    tokens/s   the pairs' tokens as a plain DPO forward counts them: prompt + chosen + prompt + rejected, no padding
+    MFU        8·N·tokens FLOPs per second (policy forward and backward 6N, reference forward 2N per token) over the
+               machine's matmul peak, measured here with a 2048 × 2048 matmul in the same dtype. The FLOPs are those a
+               plain forward needs: a trainer that computes less (shared prompts, no padding) gains MFU by it
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED_HH = REPO.parent / 'shared/data/hh_harmless_test_first300.jsonl'
+MODELS = {
+    'tiny': dict(init_from=str(REPO / 'data/toy/sft'), pairs=8, max_length=128, warmup=5, steps=30),
+    'smollm2': dict(init_from=str(REPO / 'data/smollm2/model'), pairs=4, max_length=256, warmup=2, steps=8),
+}
+SETTINGS = dict(beta=0.1, lr=1e-6, tr_alpha=0.6, tr_tau=2, grad_clip=2.0)
+
+
+def matmul_peak(dtype, n=2048, reps=10):
+    """FLOP/s of the best of `reps` n × n matmuls."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n ** 3 / best
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def write_rows(model, folder, hh):
+    """The benchmark's rows: exactly (warmup + steps) × pairs, so that both trainers see the same pairs once."""
+    spec = MODELS[model]
+    n = (spec['warmup'] + spec['steps']) * spec['pairs']
+    if model == 'tiny':
+        rows = [json.loads(line) for line in (REPO / 'data/toy/train.jsonl').read_text().splitlines()[:n]]
+    else:
+        from transformers import AutoTokenizer
+
+        import train_tr
+        if not Path(hh).exists():
+            raise SystemExit(f'error: {hh} not found; give --hh= an Anthropic HH jsonl file (raw format)')
+        subprocess.run([sys.executable, str(REPO / 'data/hh/prepare.py'), f'--raw={hh}', '--messages',
+                        f'--out_dir={folder}'], check=True, capture_output=True)
+        tokenizer = AutoTokenizer.from_pretrained(spec['init_from'])
+        turn_end = train_tr.end_of_turn(tokenizer)
+        rows = []
+        for line in (Path(folder) / 'test.jsonl').read_text().splitlines():
+            row = json.loads(line)
+            prompt, *responses = train_tr.encode_row(row, tokenizer, 10 ** 9, 10 ** 9, turn_end=turn_end)[1]
+            if len(prompt) + max(map(len, responses)) <= spec['max_length']:
+                rows.append(row)
+        if len(rows) < n:
+            raise SystemExit(f'error: {hh} has {len(rows)} rows that fit {spec["max_length"]} tokens, {n} needed')
+        rows = rows[:n]
+    path = Path(folder) / f'{model}.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    return path
+
+
+def dpo_tokens(model, path):
+    """Σ over the rows of prompt + chosen + prompt + rejected tokens, as train_tr.py tokenizes them."""
+    from transformers import AutoTokenizer
+
+    import train_tr
+    spec = MODELS[model]
+    tokenizer = AutoTokenizer.from_pretrained(spec['init_from'])
+    pairs = train_tr.load_pairs(str(path), 'train', tokenizer, spec['max_length'], spec['max_length'] - 1,
+                                verbose=False)
+    return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs) / len(pairs)
+
+
+def run_nanotr(model, dtype, path, out_dir):
+    import train_tr
+    spec = MODELS[model]
+    max_iters = spec['warmup'] + spec['steps']
+    cfg = train_tr.get_config([f"--init_from={spec['init_from']}", f'--data={path}', f'--out_dir={out_dir}',
+                               f"--batch_size={spec['pairs']}", f"--max_length={spec['max_length']}",
+                               f"--max_prompt_length={spec['max_length'] - 1}", f'--max_iters={max_iters}',
+                               '--loss=dpo', '--ref_update=soft', '--warmup_iters=0', '--log_interval=1',
+                               f'--eval_interval={max_iters + 1}', f'--dtype={dtype}', '--device=cpu',
+                               *[f'--{k}={v}' for k, v in SETTINGS.items()]])
+    train_tr.train(cfg)
+    records = [json.loads(line) for line in (Path(out_dir) / 'metrics.jsonl').read_text().splitlines()]
+    timed_steps = [r for r in records if 'step_time' in r][spec['warmup']:]
+    return [r['step_time'] for r in timed_steps], timed_steps[-1]['peak_mem_gb']
+
+
+def run_trl(model, dtype, path, out_dir):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    spec = MODELS[model]
+    step_times, peaks = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_times.append(time.perf_counter() - self.start)
+            peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+
+    torch.manual_seed(1337)
+    policy = AutoModelForCausalLM.from_pretrained(spec['init_from'], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(spec['init_from'])
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    args = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=spec['pairs'],
+                     max_steps=spec['warmup'] + spec['steps'], max_length=spec['max_length'], beta=SETTINGS['beta'],
+                     learning_rate=SETTINGS['lr'], max_grad_norm=SETTINGS['grad_clip'], lr_scheduler_type='constant',
+                     sync_ref_model=True, ref_model_mixup_alpha=SETTINGS['tr_alpha'],
+                     ref_model_sync_steps=SETTINGS['tr_tau'], bf16=dtype == 'bfloat16', use_cpu=True,
+                     gradient_checkpointing=False, logging_steps=1, save_strategy='no', report_to=[],
+                     dataloader_num_workers=0, disable_tqdm=True)
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tokenizer, callbacks=[Timer()])
+    trainer.train()
+    return step_times[spec['warmup']:], peaks[-1]
+
+
+def worker(args):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_rows(args.models, tmp, args.hh)
+        step_times, peak = (run_nanotr if args.trainers == 'nanotr' else run_trl)(args.models, args.dtypes, path,
+                                                                                 Path(tmp) / 'out')
+        print('RESULT ' + json.dumps({'step_time': sum(step_times) / len(step_times), 'peak_gb': peak,
+                                      'tokens_per_pair': dpo_tokens(args.models, path)}))
+
+
+def main(args):
+    try:
+        import trl  # noqa: F401
+        have_trl = True
+    except ImportError:
+        have_trl = False
+    trainers = [t for t in args.trainers.split(',') if t != 'trl' or have_trl]
+    if 'trl' in args.trainers and not have_trl:
+        print('trl is not installed: nanoTR alone (pip install trl in a scratch venv to compare)')
+    peaks = {dtype: matmul_peak(getattr(torch, dtype)) for dtype in args.dtypes.split(',')}
+    print('matmul peak (2048 x 2048): ' + ', '.join(f'{d} {p / 1e9:.0f} GFLOP/s' for d, p in peaks.items()))
+    results = {}
+    print(f"{'model':8} {'dtype':9} {'trainer':7} {'pairs/s':>8} {'tokens/s':>9} {'step s':>7} {'peak GB':>8} "
+          f"{'MFU':>6}")
+    for model in args.models.split(','):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        with torch.device('meta'):
+            n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(MODELS[model]['init_from'])).parameters())
+        for dtype in args.dtypes.split(','):
+            for trainer in trainers:
+                proc = subprocess.run([sys.executable, __file__, '--worker', f'--models={model}', f'--dtypes={dtype}',
+                                       f'--trainers={trainer}', f'--hh={args.hh}'], capture_output=True, text=True,
+                                      env=dict(os.environ, HF_HUB_OFFLINE='1', TOKENIZERS_PARALLELISM='false'))
+                lines = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
+                if proc.returncode != 0 or not lines:
+                    raise SystemExit(f'{model} {dtype} {trainer} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}')
+                r = json.loads(lines[0][len('RESULT '):])
+                pairs_per_sec = MODELS[model]['pairs'] / r['step_time']
+                tokens_per_sec = pairs_per_sec * r['tokens_per_pair']
+                mfu = 8 * n_params * tokens_per_sec / peaks[dtype]
+                results[model, dtype, trainer] = pairs_per_sec, r['peak_gb']
+                print(f"{model:8} {dtype:9} {trainer:7} {pairs_per_sec:8.2f} {tokens_per_sec:9.0f} "
+                      f"{r['step_time']:7.3f} {r['peak_gb']:8.2f} {mfu:6.1%}", flush=True)
+    for (model, dtype, trainer), (speed, peak) in results.items():
+        if trainer == 'trl' and (model, dtype, 'nanotr') in results:
+            ours, ours_peak = results[model, dtype, 'nanotr']
+            print(f'{model} {dtype}: nanoTR/TRL pairs/s {ours / speed:.2f}x, peak memory {ours_peak / peak:.2f}x')
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', default='tiny,smollm2')
+    parser.add_argument('--dtypes', default='float32,bfloat16')
+    parser.add_argument('--trainers', default='nanotr,trl')
+    parser.add_argument('--hh', default=str(SHARED_HH), help='raw Anthropic HH jsonl for the SmolLM2 rows')
+    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    parsed = parser.parse_args()
+    worker(parsed) if parsed.worker else main(parsed)
