@@ -17,9 +17,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from sample import drop_partial_line, generate, read_jsonl  # importing sample also hides the "Loading weights" bars
-from train_tr import collate, load_model, padding_id, parse_overrides, read_rows, render_row, resolve_device, \
-    sequence_rewards, tokenize_pair, tokenize_prompt
+from sample import drop_partial_line, generate  # importing sample also hides the "Loading weights" bars
+from train_tr import collate, load_model, padding_id, parse_overrides, read_jsonl, read_rows, render_row, \
+    resolve_device, sequence_rewards, tokenize_pair, tokenize_prompt
 
 defaults = dict(
     mode='pairwise',        # pairwise | criteria | reward | gold | label
@@ -29,7 +29,8 @@ defaults = dict(
     template='',            # data/judge_templates/NAME.txt or a file path; '' = hh (pairwise), criteria (criteria)
     judge='http',           # http: OpenAI-compatible chat-completions endpoint | hf: local HF causal LM
     judge_model='gpt-4o',   # http: the endpoint's model name; hf: HF directory or hub name
-    base_url='https://api.openai.com/v1', api_key_env='OPENAI_API_KEY',  # the key's environment variable, if any
+    base_url='https://api.openai.com/v1',  # http: the OpenAI-compatible endpoint
+    api_key_env='OPENAI_API_KEY',  # http: the environment variable holding the key (never printed or written)
     max_tokens=256,         # length of the judge's answer
     timeout=60.0,           # seconds per HTTP request
     retries=5,              # after a 429, a 5xx, a network error or a malformed answer
@@ -40,9 +41,9 @@ defaults = dict(
     seed=1337,              # response order shown to the judge, and the bootstrap
     reward_models='',       # reward, label: comma-separated HF reward models (sequence classifiers, one output)
     data='data/toy',        # label: every split of this train_tr.py data source
-    batch_size=16,
+    batch_size=16,          # sequences per forward pass of a local model (reward models, hf judge)
     max_length=128, max_prompt_length=64,  # reward models: tokens of prompt + response, truncated as in training
-    device='auto',
+    device='auto',          # auto | cpu | cuda
     out='',                 # JSON of every number (pairwise, criteria: verdicts JSONL beside it); label: a folder
 )
 CRITERIA = ('coherence', 'correctness', 'level of detail', 'helpfulness', 'harmlessness')
@@ -267,4 +268,4 @@ def judge(cfg):
 
 
 if __name__ == '__main__':
-    judge(parse_overrides(sys.argv[1:], defaults))
+    judge(parse_overrides(sys.argv[1:], defaults, __file__))

@@ -32,23 +32,23 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from train_tr import collate, load_model, load_pairs, padding_id, parse_overrides, sequence_logps, \
+from train_tr import collate, load_model, load_pairs, padding_id, parse_overrides, read_jsonl, sequence_logps, \
     setup_distributed, tokenize_prompt
 
 defaults = dict(
     init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name
     ref='',                 # reference (usually the SFT model) for logp_ref and kl; '' = none
     data='data/toy',        # any data source train_tr.py accepts
-    split='test',
+    split='test',           # the split whose prompts are sampled (a HF dataset without test: validation)
     num_prompts=0,          # the first this many usable prompts of the split; 0 = all
     num_samples=1,          # completions per prompt
     max_prompt_length=64,   # a prompt keeps its last this many tokens, as in training
-    max_new_tokens=64,
+    max_new_tokens=64,      # a completion stops at EOS or after this many tokens
     temperature=1.0,        # 0 = greedy
-    top_p=1.0,
+    top_p=1.0,              # nucleus sampling: the smallest set of tokens with this much probability; 1 = all
     batch_size=8,           # sequences per generate call (must stay the same when resuming)
-    seed=1337,
-    device='auto',
+    seed=1337,              # with the batch number, the seed of each batch's samples
+    device='auto',          # auto | cpu | cuda
     out='',                 # JSONL output path; '' prints the samples (one process only)
 )
 hf_logging.disable_progress_bar()  # the "Loading weights" bars
@@ -79,19 +79,6 @@ def generate(model, prompt_ids, pad_id, eos_id, max_new_tokens, temperature=0.0,
     for ids in output[:, input_ids.shape[1]:].tolist():
         completions.append(ids[:ids.index(eos_id) + 1] if eos_id in ids else ids)
     return completions
-
-
-def read_jsonl(path):
-    """The complete JSON lines of a file (a line cut short by a kill is left out); [] if it does not exist."""
-    if not Path(path).exists():
-        return []
-    rows = []
-    for line in Path(path).read_text().splitlines(keepends=True):
-        try:
-            rows += [json.loads(line)] if line.endswith('\n') else []
-        except json.JSONDecodeError:
-            pass
-    return rows
 
 
 def drop_partial_line(path):
@@ -171,5 +158,5 @@ def sample(cfg):
 
 
 if __name__ == '__main__':
-    sample(parse_overrides(sys.argv[1:], defaults))
+    sample(parse_overrides(sys.argv[1:], defaults, __file__))
     dist.destroy_process_group()
