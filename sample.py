@@ -32,8 +32,8 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from train_tr import collate, load_model, load_pairs, padding_id, parse_overrides, read_jsonl, sequence_logps, \
-    setup_distributed, tokenize_prompt
+from train_tr import check_model_path, collate, load_model, load_pairs, padding_id, parse_overrides, read_jsonl, \
+    sequence_logps, setup_distributed, tokenize_prompt
 
 defaults = dict(
     init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name
@@ -92,7 +92,13 @@ def sample(cfg):
     rank, world, device = setup_distributed(cfg['device'])
     if not cfg['out'] and world > 1:
         raise SystemExit('error: torchrun needs out= (each rank writes a part file)')
+    for key in ('init_from', 'ref'):
+        if cfg[key]:
+            check_model_path(cfg[key], key)
     tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
+    if cfg['ref'] and AutoTokenizer.from_pretrained(cfg['ref']).get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"error: ref={cfg['ref']} has another tokenizer than init_from={cfg['init_from']}: "
+                         'logp_ref scores the sampled token ids, which mean other text under another vocabulary')
     pad_id = padding_id(tokenizer)
     policy = load_model(cfg['init_from']).to(device).eval()
     ref = load_model(cfg['ref']).to(device).eval() if cfg['ref'] else None
