@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import socket
 import sys
 import time
 import urllib.request  # also imports urllib.error
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from sample import drop_partial_line, generate, read_jsonl  # importing sample also hides the "Loading weights" bars
-from train_tr import end_of_turn, layout, load_model, padding_id, parse_overrides, read_rows, render_row, \
-    resolve_device, sequence_rewards, tokenize_pair, tokenize_prompt
+from sample import drop_partial_line, generate  # importing sample also hides the "Loading weights" bars
+from train_tr import check_model_path, end_of_turn, jsonl_lines, layout, load_model, padding_id, parse_overrides, \
+    read_jsonl, read_rows, read_text, render_row, resolve_device, sequence_rewards, tokenize_pair, tokenize_prompt
 
 defaults = dict(
     mode='pairwise',        # pairwise | criteria | reward | gold | label
@@ -29,10 +30,11 @@ defaults = dict(
     template='',            # data/judge_templates/NAME.txt or a file path; '' = hh (pairwise), criteria (criteria)
     judge='http',           # http: OpenAI-compatible chat-completions endpoint | hf: local HF causal LM
     judge_model='gpt-4o',   # http: the endpoint's model name; hf: HF directory or hub name
-    base_url='https://api.openai.com/v1', api_key_env='OPENAI_API_KEY',  # the key's environment variable, if any
+    base_url='https://api.openai.com/v1',  # http: the OpenAI-compatible endpoint
+    api_key_env='OPENAI_API_KEY',  # http: the environment variable holding the key (never printed or written)
     max_tokens=256,         # length of the judge's answer
     timeout=60.0,           # seconds per HTTP request
-    retries=5,              # after a 429, a 5xx, a network error or a malformed answer
+    retries=5,              # after a 429, a 5xx, a timeout, a dropped connection or a malformed answer
     backoff=1.0,            # seconds before the first retry; doubles every retry
     concurrency=4,          # HTTP requests in flight
     cache='judge_cache.jsonl',  # judge answers, so that a rerun asks nothing twice; '' = no cache
@@ -40,9 +42,9 @@ defaults = dict(
     seed=1337,              # response order shown to the judge, and the bootstrap
     reward_models='',       # reward, label: comma-separated HF reward models (sequence classifiers, one output)
     data='data/toy',        # label: every split of this train_tr.py data source
-    batch_size=16,
+    batch_size=16,          # sequences per forward pass of a local model (reward models, hf judge)
     max_length=128, max_prompt_length=64,  # reward models: tokens of prompt + response, truncated as in training
-    device='auto',
+    device='auto',          # auto | cpu | cuda
     out='',                 # JSON of every number (pairwise, criteria: verdicts JSONL beside it); label: a folder
 )
 CRITERIA = ('coherence', 'correctness', 'level of detail', 'helpfulness', 'harmlessness')
@@ -63,7 +65,9 @@ def parse_scores(answer):
 
 
 def http_answer(prompt, cfg):
-    """One chat completion, retried with exponential backoff; after the last retry the error is raised."""
+    """One chat completion, retried with exponential backoff; the last failure stops the run in one line, and so
+    does at once a failure that retrying cannot change: a 4xx other than 429 (with the server's message), a refused
+    connection, an unknown host."""
     key = os.environ.get(cfg['api_key_env'])  # sent, never printed or written
     headers = {'Content-Type': 'application/json', **({'Authorization': f'Bearer {key}'} if key else {})}
     body = json.dumps({'model': cfg['judge_model'], 'messages': [{'role': 'user', 'content': prompt}],
@@ -76,16 +80,36 @@ def http_answer(prompt, cfg):
             if not isinstance(content, str):
                 raise TypeError('malformed answer: the message content is not text')
             return content
-        except Exception as e:  # network errors, timeouts, HTTP errors, bodies that are not chat completions
-            if isinstance(e, urllib.error.HTTPError) and e.code != 429 and e.code < 500:
-                raise  # 400, 401, 404: retrying cannot help
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500:  # 400, 401, 404: retrying cannot help
+                message = server_message(e).replace(key, '***') if key else server_message(e)
+                raise SystemExit(f"error: the judge at {cfg['base_url']} answered HTTP {e.code}: {message}")
+            error = e
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (ConnectionRefusedError, socket.gaierror)):  # no server, or no network
+                raise SystemExit(f"error: cannot reach the judge at {cfg['base_url']}: {e.reason}")
+            error = e
+        except Exception as e:  # timeouts, dropped connections, bodies that are not chat completions
             error = e
         time.sleep(cfg['backoff'] * 2 ** attempt if attempt < cfg['retries'] else 0)
-    raise RuntimeError(f"judge request failed {cfg['retries'] + 1} times, last with {error!r}")
+    raise SystemExit(f"error: the judge at {cfg['base_url']} failed {cfg['retries'] + 1} times, last with "
+                     f"{type(error).__name__}: {' '.join(str(error).split())}")
+
+
+def server_message(error):
+    """The message of an HTTP error response, on one line: OpenAI's {"error": {"message": ...}}, else the body."""
+    body = error.read().decode('utf-8', 'replace')
+    try:
+        message = json.loads(body)['error']
+        message = message.get('message', message) if isinstance(message, dict) else message
+    except (ValueError, KeyError, TypeError):
+        message = body or error.reason
+    return ' '.join(str(message).split())[:500]
 
 
 def hf_answers(prompts, cfg):
     """The answer to each prompt from a local causal LM: greedy, through its chat template if it has one."""
+    check_model_path(cfg['judge_model'], 'judge_model')
     tokenizer = AutoTokenizer.from_pretrained(cfg['judge_model'])
     model = load_model(cfg['judge_model']).to(resolve_device(cfg['device'])).eval()
     if tokenizer.chat_template:
@@ -99,20 +123,29 @@ def hf_answers(prompts, cfg):
 
 def ask(prompts, cfg):
     """The judge's answer to each prompt, from the cache or else from the judge (and at once into the cache)."""
-    def key(prompt):  # what the answer depends on
-        return json.dumps([cfg['judge'], cfg['judge_model'], cfg['max_tokens'], prompt])
+    def key(prompt):  # what the answer depends on (an http judge's answers also on the server)
+        return json.dumps([cfg['judge'], cfg['judge_model'], cfg['max_tokens'], prompt]
+                          + ([cfg['base_url']] if cfg['judge'] == 'http' else []))
     path = cfg['cache'] or os.devnull
     cached = {r['key']: r['answer'] for r in read_jsonl(path)}
     todo = sorted({p for p in prompts if key(p) not in cached})
+    if todo and cfg['judge'] == 'http' and 'api.openai.com' in cfg['base_url'] and not os.environ.get(
+            cfg['api_key_env']):
+        raise SystemExit(f"error: {cfg['api_key_env']} is not set: the judge at {cfg['base_url']} needs an API key "
+                         '(or use --base_url= a local server, or --judge=hf)')
     drop_partial_line(path)
-    with open(path, 'a') as cache, ThreadPoolExecutor(cfg['concurrency']) as pool:
-        # http: `concurrency` requests at a time, in order; hf: a generator, not started if zip finds todo empty
-        answers = pool.map(lambda p: http_answer(p, cfg), todo) if cfg['judge'] == 'http' else hf_answers(todo, cfg)
-        desc = f'judging ({len(prompts) - len(todo)} of {len(prompts)} cached)'
-        for prompt, answer in zip(todo, tqdm(answers, desc, total=len(todo), dynamic_ncols=True)):
-            cached[key(prompt)] = answer
-            cache.write(json.dumps({'key': key(prompt), 'answer': answer}) + '\n')
-            cache.flush()
+    pool = ThreadPoolExecutor(cfg['concurrency'])
+    try:
+        with open(path, 'a') as cache:
+            # http: `concurrency` requests at a time, in order; hf: a generator, not started if zip finds todo empty
+            answers = pool.map(lambda p: http_answer(p, cfg), todo) if cfg['judge'] == 'http' else hf_answers(todo, cfg)
+            desc = f'judging ({len(prompts) - len(todo)} of {len(prompts)} cached)'
+            for prompt, answer in zip(todo, tqdm(answers, desc, total=len(todo), dynamic_ncols=True)):
+                cached[key(prompt)] = answer
+                cache.write(json.dumps({'key': key(prompt), 'answer': answer}) + '\n')
+                cache.flush()
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, requests not yet sent are not sent
     return [cached[key(p)] for p in prompts]
 
 
@@ -131,13 +164,58 @@ def mean_ci(values, prompts, cfg):
     return dict(mean=sum(map(sum, groups)) / sum(map(len, groups)), ci95=[low, high])
 
 
+def read_samples(path):
+    """The rows of a sample.py file. A missing file, a line that is not JSON, or a row without text `prompt` and
+    `completion` stops the run, naming the file and line."""
+    if not Path(path).is_file():
+        raise SystemExit(f'error: sample file not found: {path}')
+    rows = []
+    for number, line in enumerate(jsonl_lines(read_text(path)), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise SystemExit(f'error: {path} line {number} is not valid JSON')
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ('prompt', 'completion')):
+                raise SystemExit(f'error: {path} line {number} has no text "prompt" and "completion" (sample.py '
+                                 'writes both)')
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f'error: {path} holds no samples')
+    return rows
+
+
+def sample_files(cfg):
+    return [f for f in cfg['files'].split(',') if f]
+
+
 def pairwise(cfg, template):
-    """A's and B's samples of a prompt meet in order (sample.py's `sample` field). A is shown first in a random half of
-    the pairs (seeded), which cancels a judge's position bias. An answer without a verdict is a tie."""
-    rows_a, rows_b = ({(r['prompt'], r.get('sample', 0)): r for r in read_jsonl(path)} for path in (cfg['a'], cfg['b']))
-    pairs = [(row, rows_b[k]) for k, row in rows_a.items() if k in rows_b]
+    """A's and B's samples meet by (index, sample), the prompt's position in its split and the sample's number that
+    sample.py writes: prompts that occur several times in a split stay apart. Files without `index` meet by (prompt,
+    sample), and then a prompt that occurs twice is an error. A is shown first in a random half of the pairs
+    (seeded), which cancels a judge's position bias. An answer without a verdict is a tie."""
+    rows_a, rows_b = read_samples(cfg['a']), read_samples(cfg['b'])
+    by_index = all('index' in r for r in rows_a + rows_b)
+    what = '(index, sample)' if by_index else '(prompt, sample)'
+
+    def keyed(path, rows):
+        keys = [(r['index'] if by_index else r['prompt'], r.get('sample', 0)) for r in rows]
+        key, n = Counter(keys).most_common(1)[0]
+        if n > 1:
+            raise SystemExit(f'error: {path} has {n} rows for {what} = {key!r}, which would collapse into one pair '
+                             '(sample.py writes a distinct index and sample on every row)')
+        return dict(zip(keys, rows))
+    keyed_a, keyed_b = keyed(cfg['a'], rows_a), keyed(cfg['b'], rows_b)
+    pairs = [(row, keyed_b[k]) for k, row in keyed_a.items() if k in keyed_b]
     if not pairs:
-        raise SystemExit(f"error: {cfg['a']} and {cfg['b']} have no (prompt, sample) in common")
+        raise SystemExit(f"error: {cfg['a']} and {cfg['b']} have no {what} in common")
+    for a, b in pairs:
+        if a['prompt'] != b['prompt']:
+            raise SystemExit(f"error: {cfg['a']} and {cfg['b']} have different prompts at index {a['index']}: sampled "
+                             'from other data or splits')
+    if len(pairs) < max(len(rows_a), len(rows_b)):
+        print(f"note: {len(pairs)} pairs; {len(rows_a) - len(pairs)} samples of {cfg['a']} and "
+              f"{len(rows_b) - len(pairs)} of {cfg['b']} have no counterpart")
     a_first = [i % 2 == 0 for i in range(len(pairs))]  # half of the pairs (±1), in a random pattern
     random.Random(cfg['seed']).shuffle(a_first)
     shown = [(a, b) if first else (b, a) for (a, b), first in zip(pairs, a_first)]
@@ -155,11 +233,11 @@ def pairwise(cfg, template):
 
 
 def criteria(cfg, template):
-    rows = [dict(row, file=f) for f in cfg['files'].split(',') for row in read_jsonl(f)]
+    rows = [dict(row, file=f) for f in sample_files(cfg) for row in read_samples(f)]
     answers = ask([template.format(prompt=r['prompt'].strip(), response=r['completion'].strip()) for r in rows], cfg)
     verdicts = [dict(r, answer=answer, scores=parse_scores(answer)) for r, answer in zip(rows, answers)]
     results = []
-    for f in cfg['files'].split(','):
+    for f in sample_files(cfg):
         mine = [v for v in verdicts if v['file'] == f]
         prompts = [v['prompt'] for v in mine]
         scores = {name: mean_ci([v['scores'].get(name) for v in mine], prompts, cfg) for name in CRITERIA}
@@ -168,9 +246,25 @@ def criteria(cfg, template):
     return results, verdicts
 
 
+def reward_model_names(cfg):
+    return [name for name in cfg['reward_models'].split(',') if name]
+
+
 def load_reward_models(cfg):
-    return [(name, load_model(name, reward_model=True).to(resolve_device(cfg['device'])).eval(),
-             AutoTokenizer.from_pretrained(name)) for name in cfg['reward_models'].split(',') if name]
+    """(name, model, tokenizer) of each reward model: a sequence classifier with one output, as train_tr.py
+    --loss=rm saves. Any other model would get a randomly initialized score head, and random scores."""
+    models = []
+    for name in reward_model_names(cfg):
+        check_model_path(name, 'reward_models')
+        config = AutoConfig.from_pretrained(name)
+        if not any(a.endswith('ForSequenceClassification') for a in config.architectures or []) \
+                or config.num_labels != 1:
+            raise SystemExit(f'error: {name} is not a reward model (a sequence classifier with one output; its config '
+                             f'has architectures {config.architectures}, num_labels {config.num_labels}); '
+                             'train one with train_tr.py --loss=rm')
+        models.append((name, load_model(name, reward_model=True).to(resolve_device(cfg['device'])).eval(),
+                       AutoTokenizer.from_pretrained(name)))
+    return models
 
 
 @torch.no_grad()
@@ -191,14 +285,14 @@ def rewards(models, prompts, responses, cfg):
 
 def reward(cfg, template):
     """Mean score of each sample file under each reward model (mode=reward) or under the gold reward (mode=gold)."""
+    samples = {f: read_samples(f) for f in sample_files(cfg)}  # before loading models: a bad file fails fast
     models, results, gold = load_reward_models(cfg) if cfg['mode'] == 'reward' else [], [], None
     if cfg['mode'] == 'gold':
         spec = importlib.util.spec_from_file_location('gold', cfg['gold'])
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         gold = module.gold_reward
-    for f in cfg['files'].split(','):
-        rows = read_jsonl(f)
+    for f, rows in samples.items():
         prompts, responses = [r['prompt'] for r in rows], [r['completion'] for r in rows]
         scores = rewards(models, prompts, responses, cfg)
         means = {name: mean_ci(s, prompts, cfg) for (name, _, _), s in zip(models, scores)}
@@ -209,9 +303,11 @@ def reward(cfg, template):
 
 
 def label(cfg, template):
-    """Each usable pair of each split of `data`, plus reward_chosen and reward_rejected (a float per reward model), to
-    out/<split>.jsonl; a partial file is continued. Message lists use the first reward model's chat template."""
+    """Each usable pair of each split of `data`, plus reward_chosen and reward_rejected (a float per reward model) and
+    reward_models (their names), to out/<split>.jsonl; a partial file is continued, by the same reward models only.
+    Message lists use the first reward model's chat template."""
     models, results, size = load_reward_models(cfg), [], cfg['batch_size']
+    names = [name for name, _, _ in models]
     for split in ('train', 'test'):
         rows, name = read_rows(cfg['data'], split)
         if rows is None:
@@ -223,6 +319,10 @@ def label(cfg, template):
         path.parent.mkdir(parents=True, exist_ok=True)
         # continue after the last whole batch, so that every row is scored in the same batch as in one run
         old = read_jsonl(path)
+        other = next((r.get('reward_models') for r in old if r.get('reward_models') != names), names)
+        if other != names:  # one file, one list: the rewards of a row are indexed by reward model
+            raise SystemExit(f'error: {path} holds labels of reward_models={",".join(other or ["(not recorded)"])}, '
+                             f'not {",".join(names)}; use another out= or delete it')
         done = len(usable) if len(old) == len(usable) else len(old) // size * size
         path.write_text(''.join(json.dumps(row) + '\n' for row in old[:done]))
         for start in tqdm(range(done, len(usable), size), desc=f'labelling {split}', dynamic_ncols=True):
@@ -231,7 +331,8 @@ def label(cfg, template):
             per_row = zip(*rewards(models, prompts, chosen, cfg)), zip(*rewards(models, prompts, rejected, cfg))
             with open(path, 'a') as f:  # closed, so flushed, after every batch
                 for (row, _), rc, rr in zip(chunk, *per_row):
-                    f.write(json.dumps({**row, 'reward_chosen': list(rc), 'reward_rejected': list(rr)}) + '\n')
+                    f.write(json.dumps({**row, 'reward_chosen': list(rc), 'reward_rejected': list(rr),
+                                        'reward_models': names}) + '\n')
         results.append(dict(split=name, pairs=len(usable), skipped=sum(skipped.values()), **skipped,
                             labelled_now=len(usable) - done, out=str(path)))
     if not results:
@@ -247,7 +348,12 @@ def judge(cfg):
     modes = dict(pairwise=pairwise, criteria=criteria, reward=reward, gold=reward, label=label)
     if cfg['mode'] not in modes:
         raise SystemExit(f"error: mode must be one of {', '.join(modes)}, got {cfg['mode']!r}")
-    if cfg['mode'] in ('reward', 'label') and not cfg['reward_models']:
+    if cfg['mode'] == 'pairwise' and not (cfg['a'] and cfg['b']):
+        raise SystemExit('error: mode=pairwise needs a= and b=, the sample files (sample.py --out=) of the two '
+                         'systems; python judge.py --help lists every setting')
+    if cfg['mode'] in ('criteria', 'reward', 'gold') and not sample_files(cfg):
+        raise SystemExit(f"error: mode={cfg['mode']} needs files=, comma-separated sample files (sample.py --out=)")
+    if cfg['mode'] in ('reward', 'label') and not reward_model_names(cfg):
         raise SystemExit(f"error: mode={cfg['mode']} needs reward_models=")
     if cfg['mode'] == 'gold' and not Path(cfg['gold']).is_file():
         raise SystemExit(f"error: mode=gold needs gold= a Python file defining gold_reward(prompt, response); "
@@ -256,6 +362,8 @@ def judge(cfg):
         raise SystemExit('error: mode=label needs out= (the folder for train.jsonl and test.jsonl)')
     name = cfg['template'] or ('criteria' if cfg['mode'] == 'criteria' else 'hh')
     path = Path(name) if Path(name).is_file() else Path(__file__).parent / 'data/judge_templates' / f'{name}.txt'
+    if cfg['mode'] in ('pairwise', 'criteria') and not path.is_file():
+        raise SystemExit(f"error: template={name}: neither a file nor {path}")
     results, verdicts = modes[cfg['mode']](cfg, path.read_text() if cfg['mode'] in ('pairwise', 'criteria') else '')
     columns = list(dict.fromkeys(k for r in results for k in r))
     table = [columns] + [[cell(r.get(k)) for k in columns] for r in results]
@@ -270,4 +378,4 @@ def judge(cfg):
 
 
 if __name__ == '__main__':
-    judge(parse_overrides(sys.argv[1:], defaults))
+    judge(parse_overrides(sys.argv[1:], defaults, __file__))

@@ -32,22 +32,23 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from train_tr import layout, load_model, load_pairs, padding_id, parse_overrides, sequence_logps, setup_distributed
+from train_tr import check_model_path, layout, load_model, load_pairs, padding_id, parse_overrides, read_jsonl, \
+    sequence_logps, setup_distributed
 
 defaults = dict(
     init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name
     ref='',                 # reference (usually the SFT model) for logp_ref and kl; '' = none
     data='data/toy',        # any data source train_tr.py accepts
-    split='test',
+    split='test',           # the split whose prompts are sampled (a HF dataset without test: validation)
     num_prompts=0,          # the first this many usable prompts of the split; 0 = all
     num_samples=1,          # completions per prompt
     max_prompt_length=64,   # prompts are cut to this many tokens as in training (chat: oldest turns first)
-    max_new_tokens=64,
+    max_new_tokens=64,      # a completion stops at EOS or after this many tokens
     temperature=1.0,        # 0 = greedy
-    top_p=1.0,
+    top_p=1.0,              # nucleus sampling: the smallest set of tokens with this much probability; 1 = all
     batch_size=8,           # sequences per generate call (must stay the same when resuming)
-    seed=1337,
-    device='auto',
+    seed=1337,              # with the batch number, the seed of each batch's samples
+    device='auto',          # auto | cpu | cuda
     out='',                 # JSONL output path; '' prints the samples (one process only)
 )
 hf_logging.disable_progress_bar()  # the "Loading weights" bars
@@ -80,19 +81,6 @@ def generate(model, prompt_ids, pad_id, eos_id, max_new_tokens, temperature=0.0,
     return completions
 
 
-def read_jsonl(path):
-    """The complete JSON lines of a file (a line cut short by a kill is left out); [] if it does not exist."""
-    if not Path(path).exists():
-        return []
-    rows = []
-    for line in Path(path).read_text().splitlines(keepends=True):
-        try:
-            rows += [json.loads(line)] if line.endswith('\n') else []
-        except json.JSONDecodeError:
-            pass
-    return rows
-
-
 def drop_partial_line(path):
     """Truncates a file after its last newline, so that appending continues on a clean line."""
     if Path(path).exists():
@@ -104,7 +92,13 @@ def sample(cfg):
     rank, world, device = setup_distributed(cfg['device'])
     if not cfg['out'] and world > 1:
         raise SystemExit('error: torchrun needs out= (each rank writes a part file)')
+    for key in ('init_from', 'ref'):
+        if cfg[key]:
+            check_model_path(cfg[key], key)
     tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
+    if cfg['ref'] and AutoTokenizer.from_pretrained(cfg['ref']).get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"error: ref={cfg['ref']} has another tokenizer than init_from={cfg['init_from']}: "
+                         'logp_ref scores the sampled token ids, which mean other text under another vocabulary')
     pad_id = padding_id(tokenizer)
     policy = load_model(cfg['init_from']).to(device).eval()
     ref = load_model(cfg['ref']).to(device).eval() if cfg['ref'] else None
@@ -172,5 +166,5 @@ def sample(cfg):
 
 
 if __name__ == '__main__':
-    sample(parse_overrides(sys.argv[1:], defaults))
+    sample(parse_overrides(sys.argv[1:], defaults, __file__))
     dist.destroy_process_group()

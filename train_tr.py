@@ -32,16 +32,20 @@ Run:
     torchrun --standalone --nproc_per_node=8 train_tr.py config.py --data=data/hh --init_from=EleutherAI/pythia-2.8b
 Every setting below can be overridden with --key=value, or by a Python config file of `key = value` lines.
 """
+import ast
 import copy
+import fcntl
+import io
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
 import time
+import tokenize
 import types
-from ast import literal_eval
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -60,7 +64,7 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # config: defaults run TR-DPO on the toy that data/toy ships (α, τ from its sweep); README gives paper-scale values
 # I/O
-out_dir = 'out'
+out_dir = 'out'                 # the run's folder: HF checkpoint, state.pt, metrics.jsonl
 init_from = 'data/toy/sft'      # policy: HF hub name or local HF directory (usually the SFT model)
 ref_from = ''                   # reference at step 0: '' = same weights as init_from
 resume = False                  # continue the run saved in out_dir (weights, reference, optimizer, data position)
@@ -69,8 +73,8 @@ eval_pairs = 200                # at most this many held-out pairs per evaluatio
 log_interval = 5                # write a metrics.jsonl line every this many iterations
 snapshots = False               # also keep the HF model of every evaluation in out_dir/iter_N (curves over training)
 wandb_log = False               # also log to Weights & Biases (needs `pip install wandb`)
-wandb_project = 'nanotr'
-wandb_run_name = ''
+wandb_project = 'nanotr'        # wandb: the project to log to
+wandb_run_name = ''             # wandb: the run's name; '' = wandb chooses
 # data
 data = 'data/toy'               # .jsonl/.json/.parquet file, a folder with train.* and test.*, or a HF dataset name
 max_length = 128                # prompt + response tokens
@@ -94,7 +98,7 @@ tr_tau = 25                     # update every this many optimizer steps (paper,
 batch_size = 16                 # preference pairs per optimizer step, over all processes
 grad_accum = 1                  # micro-steps per optimizer step (each process takes batch_size/world/grad_accum pairs)
 lr = 2e-4                       # AdamW peak learning rate (paper: 1e-6 for Pythia 2.8B)
-weight_decay = 0.0
+weight_decay = 0.0              # AdamW weight decay
 warmup_iters = 5                # linear warm-up, then constant (as in the DPO repository)
 max_iters = 300                 # optimizer steps
 grad_clip = 2.0                 # max gradient norm (paper: 2); 0 disables
@@ -103,56 +107,99 @@ device = 'auto'                 # auto | cpu | cuda
 dtype = 'auto'                  # compute dtype: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
 grad_checkpoint = False         # activation checkpointing of each decoder layer
 peak_flops = 989e12             # per-device peak for MFU (H100 dense bf16)
-seed = 1337
+seed = 1337                     # data order and the reward model's score-head initialization
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
 LOSSES = ('sft', 'rm', 'dpo', 'ipo', 'kto', 'distill', 'edistill', 'pdpo')
 REWARD_LABELLED = ('distill', 'edistill')  # losses that read reward_chosen/reward_rejected from the data
 REF_UPDATES = ('none', 'soft', 'hard')
+DEVICES = ('auto', 'cpu', 'cuda')
 
 
-def parse_overrides(argv, defaults):
-    """defaults, then each argument in order: a Python file of `key = value` lines, or --key=value (the value is
-    a Python literal, or else a bare string). Unknown keys and values of another type than the default are errors."""
+def parse_overrides(argv, defaults, source):
+    """defaults, then each argument in order: a Python config file (`name.py`, lines of `key = value`), or
+    --key=value (the value is a Python literal, or else a bare string). -h or --help prints the settings of `source`,
+    the script the defaults belong to. Anything else, unknown keys, and values of another type than the default are
+    errors of one line (SystemExit), as data errors are."""
+    if '-h' in argv or '--help' in argv:
+        print(settings_help(source, defaults))
+        raise SystemExit(0)
     cfg = dict(defaults)
     for arg in argv:
         if '=' in arg:
             key, value = arg.removeprefix('--').split('=', 1)
             if not isinstance(cfg.get(key), str):  # string settings take the text as is (--wandb_run_name=2024)
                 try:
-                    value = literal_eval(value)
+                    value = ast.literal_eval(value)
                 except (ValueError, SyntaxError):
                     pass  # left as a string, for the type check below
             overrides = {key: value}
-        else:  # a config file may import and compute; its plain-data names are the overrides
+        elif arg.startswith('-'):
+            raise SystemExit(f'error: {arg}: settings are given as --key=value (--help lists them)')
+        elif not arg.endswith('.py'):  # `python train_tr.py mydata.jsonl` must not run the data as Python
+            raise SystemExit(f'error: {arg} is not a config file (a .py file of `key = value` lines); '
+                             f'data is given as --data={arg}')
+        elif not Path(arg).is_file():
+            raise SystemExit(f'error: config file {arg} not found')
+        else:  # a config file may import and compute: names that are not settings are its own, unless plain data
             namespace = {}
-            exec(Path(arg).read_text(), namespace)
-            overrides = {k: v for k, v in namespace.items()
-                         if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+            try:
+                exec(Path(arg).read_text(), namespace)
+            except Exception as e:
+                raise SystemExit(f'error: config file {arg}: {type(e).__name__}: {e}')
+            overrides = {k: v for k, v in namespace.items() if k in cfg or (
+                not k.startswith('_') and isinstance(v, (bool, int, float, str)))}  # a setting set to None is checked
         for key, value in overrides.items():
             if key not in cfg:
-                raise ValueError(f'unknown config key {key!r} (from {arg!r}); known keys: {", ".join(cfg)}')
+                raise SystemExit(f'error: unknown config key {key!r} (from {arg!r}); known keys: {", ".join(cfg)}')
             default = cfg[key]
             if isinstance(default, float) and type(value) is int:
                 value = float(value)
             if type(value) is not type(default):
-                raise ValueError(f'{key} must be {type(default).__name__}, got {value!r}')
+                raise SystemExit(f'error: {key} must be {type(default).__name__}, got {value!r} (from {arg!r})')
             cfg[key] = value
     return cfg
 
 
+def settings_help(source, defaults):
+    """--help text: the first paragraph of the script's docstring, then each setting with its default and the
+    comment on its line in `source` (module-level `key = value` lines, or the keywords of `defaults = dict(...)`),
+    so that those comments are the one place a setting is described."""
+    text = Path(source).read_text()
+    comments = {t.start[0]: t.string.lstrip('#').strip()
+                for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT}
+    tree = ast.parse(text)
+    lines = {}  # setting -> (its line, its default as written)
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id == 'defaults' and isinstance(node.value, ast.Call):
+                lines.update({k.arg: (k.lineno, ast.get_source_segment(text, k.value)) for k in node.value.keywords})
+            else:
+                lines.setdefault(node.targets[0].id, (node.lineno, ast.get_source_segment(text, node.value)))
+
+    def shown(key, value):  # as typed in a shell: strings bare, other values as written in the source
+        return (value or "''") if isinstance(value, str) else lines[key][1] if key in lines else repr(value)
+    rows = [(f'--{k}={shown(k, v)}', comments.get(lines.get(k, (0,))[0], '')) for k, v in defaults.items()]
+    width = max(len(flag) for flag, _ in rows)
+    return '\n'.join([ast.get_docstring(tree).split('\n\n')[0], '',
+                      f'usage: python {Path(source).name} [config.py ...] [--key=value ...]   (settings, defaults):',
+                      *(f'  {flag:<{width}}  {meaning}'.rstrip() for flag, meaning in rows)])
+
+
 def get_config(argv):
     """The training config: the module-level defaults above with argv applied, checked."""
-    cfg = parse_overrides(argv, {k: globals()[k] for k in CONFIG_KEYS})
+    cfg = parse_overrides(argv, {k: globals()[k] for k in CONFIG_KEYS}, __file__)
     check_config(cfg)
     return cfg
 
 
 def check_config(cfg):
-    """Fail before any model is loaded on settings that cannot work."""
+    """Fail before any model is loaded, in one line, on settings that cannot work."""
     def need(ok, message):
         if not ok:
-            raise ValueError(message)
+            raise SystemExit(f'error: {message}')
+    for key, value in cfg.items():
+        need(not isinstance(value, float) or math.isfinite(value), f'{key} must be finite, got {value}')
     need(cfg['loss'] in LOSSES, f"loss must be one of {LOSSES}, got {cfg['loss']!r}")
     need(cfg['ref_update'] in REF_UPDATES, f"ref_update must be one of {REF_UPDATES}, got {cfg['ref_update']!r}")
     need(0.0 <= cfg['tr_alpha'] <= 1.0, 'tr_alpha must be in [0, 1]')
@@ -163,17 +210,44 @@ def check_config(cfg):
     need(cfg['batch_size'] >= 1 and cfg['grad_accum'] >= 1 and cfg['max_iters'] >= 1,
          'batch_size, grad_accum and max_iters must be >= 1')
     need(cfg['eval_interval'] >= 1 and cfg['log_interval'] >= 1, 'eval_interval and log_interval must be >= 1')
+    need(cfg['eval_pairs'] >= 0, 'eval_pairs must be >= 0 (0: no evaluation)')
     need(cfg['dtype'] in ('auto', 'float32', 'bfloat16'), 'dtype must be auto, float32 or bfloat16')
+    need(cfg['device'] in DEVICES, f"device must be one of {DEVICES}, got {cfg['device']!r}")
     need(cfg['distill_reduce'] in ('first', 'mean'), 'distill_reduce must be first or mean')
     need(cfg['edistill_min'] in ('example', 'batch'), 'edistill_min must be example or batch')
     need(cfg['pessimism_gamma'] >= 0 and cfg['rm_center_coef'] >= 0, 'pessimism_gamma and rm_center_coef must be >= 0')
     need(cfg['loss'] != 'kto' or cfg['batch_size'] >= 2, 'kto needs batch_size >= 2 (its mismatched pairs)')
+    need(cfg['kto_desirable_weight'] >= 0 and cfg['kto_undesirable_weight'] >= 0, 'kto_desirable_weight and kto_undesirable_weight must be >= 0')
+    # a negative clip flips the gradient, a negative warm-up gives a negative (or at -1 an undefined) learning rate
+    need(cfg['grad_clip'] >= 0, 'grad_clip must be >= 0 (0 disables clipping)')
+    need(cfg['warmup_iters'] >= 0, 'warmup_iters must be >= 0')
+    need(cfg['lr'] >= 0 and cfg['weight_decay'] >= 0 and cfg['peak_flops'] > 0,
+         'lr and weight_decay must be >= 0, peak_flops > 0')
 
 
 # -----------------------------------------------------------------------------
 # setup: one process is a world of one, so the same FSDP code path runs with `python` and with `torchrun`
 def resolve_device(name):
+    if name not in DEVICES:
+        raise SystemExit(f'error: device must be one of {DEVICES}, got {name!r}')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f'error: device=cuda, but this torch ({torch.__version__}) sees no CUDA device (a CPU-only '
+                         'build, or no GPU visible); use device=cpu or device=auto')
     return torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name)
+
+
+def check_model_path(name, setting):
+    """Stops in one line on a model that is neither an HF model folder here nor loadable from the hub (transformers
+    would report a missing folder as 'Repo id must be in the form ...')."""
+    from transformers import AutoConfig
+    if not Path(name).exists() and (name.startswith('.') or not re.fullmatch(r'[\w.-]+(/[\w.-]+)?', name)):
+        raise SystemExit(f'error: {setting}={name} not found (no such folder)')
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        where = 'the folder is not an HF model' if Path(name).exists() else \
+            'no such folder, and not loadable from the hub'
+        raise SystemExit(f'error: {setting}={name}: {where} ({" ".join(str(e).split())})')
 
 
 def setup_distributed(device_name):
@@ -194,36 +268,83 @@ def setup_distributed(device_name):
 
 # -----------------------------------------------------------------------------
 # data: canonical rows {"prompt", "chosen", "rejected"}; text or chat-message lists
+DATA_SUFFIXES = ('.jsonl', '.json', '.parquet')  # in any case: .JSONL too
+
+
+def read_text(path):
+    """A UTF-8 file's text, without the byte-order mark some editors write (it would make the first row unreadable).
+    A file in another encoding, or binary, stops the run, naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b'\n') + 1
+        raise SystemExit(f'error: {path} is not UTF-8 text ({e.reason} at line {line}, byte {e.start}); '
+                         'save it as UTF-8')
+
+
+def jsonl_lines(text):
+    """JSONL lines end at '\\n' only: str.splitlines() also cuts at U+2028, U+2029, U+0085 and other characters
+    that json.dumps(ensure_ascii=False) writes raw inside strings."""
+    return text.split('\n')
+
+
+def read_jsonl(path):
+    """The complete JSON lines of a file (a line cut short by a kill, or not JSON, is left out); [] if it does not
+    exist."""
+    if not Path(path).exists():
+        return []
+    rows = []
+    for line in jsonl_lines(read_text(path))[:-1]:  # the last piece follows the last newline: empty, or cut short
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
 def read_rows(source, split):
-    """(rows, name) of one split; rows is None when the source has no such split. Unparseable lines become None rows."""
+    """(rows, name) of one split; rows is None when the source has no such split, and name then says what was
+    looked for. Unparseable lines become None rows."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(f for f in path.glob(f'{split}.*') if f.suffix in ('.jsonl', '.json', '.parquet'))
+        found = sorted(path.glob(f'{split}.*'))
+        files = [f for f in found if f.suffix.lower() in DATA_SUFFIXES]
+        if len(files) > 1:  # which one is meant cannot be guessed
+            raise SystemExit(f'error: {path} has {" and ".join(f.name for f in files)}: keep one {split} file')
         if not files:
-            return None, str(path / f'{split}.jsonl')
+            ignored = f' ({", ".join(f.name for f in found)} not read: the name must end in .jsonl, .json or .parquet)'
+            return None, f'no {split}.jsonl, {split}.json or {split}.parquet in {path}' + (ignored if found else '')
         path = files[0]
-    elif path.suffix in ('.jsonl', '.json', '.parquet'):
-        if not path.is_file():
-            raise FileNotFoundError(f'data file not found: {path}')
+    elif path.is_file():
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            raise SystemExit(f'error: {path}: a data file must end in .jsonl (one JSON object per line), .json or '
+                             '.parquet')
         if split != 'train':
-            return None, str(path)
+            return None, f'no {split} split in {path} (a single file is the train split)'
+    elif path.suffix.lower() in DATA_SUFFIXES + ('.txt',) or source.startswith(('.', '/', '~')):
+        raise SystemExit(f'error: data file not found: {path}')
     else:  # a Hugging Face dataset name: its test split, or its validation split for evaluation
         import datasets
-        splits = datasets.load_dataset(source)
+        try:
+            splits = datasets.load_dataset(source)
+        except Exception as e:  # the hub's many error types; what matters is the one line
+            raise SystemExit(f'error: data={source} is no file or folder here, and datasets.load_dataset failed: '
+                             f'{" ".join(str(e).split())}')
         names = [split] if split == 'train' else [split, 'validation']
         name = next((n for n in names if n in splits), None)
         return (None if name is None else splits[name].to_list()), f'{source}[{name or split}]'
-    if path.suffix == '.parquet':
+    if path.suffix.lower() == '.parquet':
         import datasets
         return datasets.Dataset.from_parquet(str(path)).to_list(), str(path)
-    text = path.read_text()
-    if path.suffix == '.json' and text.lstrip().startswith('['):
+    text = read_text(path)
+    if path.suffix.lower() == '.json' and text.lstrip().startswith('['):
         try:
             return json.loads(text), str(path)
         except json.JSONDecodeError as e:
             raise SystemExit(f'error: {path} is not a valid JSON array: {e}')
     rows = []
-    for line in text.splitlines():
+    for line in jsonl_lines(text):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -247,6 +368,16 @@ def render_response(tokenizer, prompt, prompt_text, response):
     return full[len(prompt_text):]
 
 
+def is_valid_unicode(text):
+    """False for text holding a lone surrogate (valid JSON, e.g. "\\ud83c" from a cut emoji), which the tokenizer
+    cannot take."""
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def render_row(row, tokenizer, need_rejected=True):
     """(prompt_text, chosen_text, rejected_text or None), or a short reason why the row is unusable."""
     if not isinstance(row, dict):
@@ -260,6 +391,8 @@ def render_row(row, tokenizer, need_rejected=True):
     responses = [row[k] for k in keys[1:]]
     if not all(isinstance(r, str) or (is_messages(r) and isinstance(prompt, list)) for r in responses):
         return 'non-text field'
+    if isinstance(prompt, list) and not tokenizer.chat_template:
+        return 'messages without a chat template'
     if isinstance(prompt, list):
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     else:
@@ -268,6 +401,8 @@ def render_row(row, tokenizer, need_rejected=True):
         texts = [render_response(tokenizer, prompt, prompt_text, r) for r in responses]
     except ValueError:
         return 'chat template mismatch'
+    if not all(is_valid_unicode(t) for t in (prompt_text, *texts)):
+        return 'invalid Unicode'
     if not all(t.strip() for t in texts):
         return 'empty response'
     if len(texts) == 2 and texts[0] == texts[1]:
@@ -383,8 +518,10 @@ def load_pairs(source, split, tokenizer, max_length, max_prompt_length, need_rej
     rows, name = read_rows(source, split)
     if rows is None:
         if required:
-            raise SystemExit(f"error: no {split}.jsonl, {split}.json or {split}.parquet in {source} "
-                             "(a data/<name> folder is filled by its prepare.py)")
+            hint = ' (a data/<name> folder is filled by its prepare.py)' if Path(source).is_dir() else ''
+            raise SystemExit(f'error: {name}{hint}')
+        if verbose:
+            print(name)
         return None
     pairs, skipped, turn_end, k = [], Counter(), end_of_turn(tokenizer), None
     for index, row in enumerate(rows):
@@ -702,10 +839,51 @@ def update_reference(policy, ref, alpha):
 
 # -----------------------------------------------------------------------------
 # checkpoints: out_dir holds an HF model (from_pretrained loads it) plus state.pt, everything resume needs
+# settings a resumed run may change: how far it goes, what it logs, and where and how it computes. Every other
+# setting defines the run (batch_size also which pairs each step reads), and resume refuses to change it.
+RESUMABLE = ('out_dir', 'resume', 'max_iters', 'eval_interval', 'eval_pairs', 'log_interval', 'snapshots',
+             'wandb_log', 'wandb_project', 'wandb_run_name', 'grad_accum', 'device', 'dtype', 'grad_checkpoint',
+             'peak_flops')
+
+
+def lock_out_dir(out_dir):
+    """An exclusive lock on out_dir/.lock, held while the returned file stays open (the OS drops it when the process
+    ends, even by kill -9): two runs in one out_dir would write over each other's checkpoint files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(out_dir / '.lock', 'w')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(f'error: another run is using {out_dir} (it holds {out_dir / ".lock"}); wait for it to end, '
+                         'or use another out_dir')
+    return lock
+
+
+def check_out_dir(cfg):
+    """A fresh run needs an out_dir without a saved run, so that no state.pt of another run is left for a later
+    resume to continue; a resumed run needs the saved run's settings, apart from those in RESUMABLE."""
+    path = Path(cfg['out_dir']) / 'state.pt'
+    if not cfg['resume']:
+        if path.exists():
+            raise SystemExit(f"error: {cfg['out_dir']} holds a saved run ({path}); continue it with --resume=True, "
+                             f'use another out_dir, or delete {path} to start a new run there')
+        return
+    if not path.is_file():
+        raise SystemExit(f'error: resume=True but {path} does not exist')
+    saved = torch.load(path, map_location='cpu', mmap=True, weights_only=True)['config']
+    changed = [f'{k}={saved[k]!r} saved, {v!r} now' for k, v in cfg.items()
+               if k in saved and k not in RESUMABLE and saved[k] != v]
+    if changed:
+        raise SystemExit(f"error: resume=True with other settings than the run saved in {path}: {'; '.join(changed)}. "
+                         f"A resumed run may change only {', '.join(RESUMABLE)}")
+
+
 def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master):
     """Every rank gathers full state dicts; rank 0 writes them to a temporary folder, then moves each file into
     out_dir with an atomic os.replace, state.pt last. A kill at any point leaves every file whole: the HF model and
-    state.pt are each either the old or the new version, and state.pt alone is what resume reads."""
+    state.pt are each either the old or the new version, and state.pt alone is what resume reads. A failed write (a
+    full disk) stops the run in one line, the previous checkpoint untouched."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = {'policy': get_model_state_dict(policy, options=options),
              'ref': get_model_state_dict(ref, options=options) if ref is not None else None,
@@ -715,11 +893,20 @@ def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
         out_dir = Path(out_dir)
         tmp = out_dir / '.tmp_checkpoint'
         shutil.rmtree(tmp, ignore_errors=True)
-        # one weights file (no shards), so that replacing it is a single atomic step
-        policy.save_pretrained(tmp, state_dict=state['policy'], max_shard_size='10000GB')
-        tokenizer.save_pretrained(tmp)
-        (tmp / 'nanotr_config.json').write_text(json.dumps(cfg, indent=2))
-        torch.save(state, tmp / 'state.pt')
+        try:
+            # one weights file (no shards), so that replacing it is a single atomic step
+            policy.save_pretrained(tmp, state_dict=state['policy'], max_shard_size='10000GB')
+            tokenizer.save_pretrained(tmp)
+            (tmp / 'nanotr_config.json').write_text(json.dumps(cfg, indent=2))
+            torch.save(state, tmp / 'state.pt')
+        except Exception as e:  # a full disk is an OSError, a RuntimeError (torch.save) or a SafetensorError
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(f'error: could not write the checkpoint of iteration {it} to {tmp} ({type(e).__name__}: '
+                             f'{" ".join(str(e).split())}); the previous checkpoint in {out_dir} is intact')
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():  # as any new file: transformers writes model.safetensors with mode 0600
+            f.chmod(0o666 & ~umask)
         for f in sorted(tmp.iterdir(), key=lambda f: f.name == 'state.pt'):
             os.replace(f, out_dir / f.name)
         tmp.rmdir()
@@ -728,10 +915,7 @@ def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
 
 def load_checkpoint(out_dir, policy, ref, optimizer):
     """Restores a save_checkpoint state on every rank and returns the iteration to continue from."""
-    path = Path(out_dir) / 'state.pt'
-    if not path.is_file():
-        raise SystemExit(f'error: resume=True but {path} does not exist')
-    state = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+    state = torch.load(Path(out_dir) / 'state.pt', map_location='cpu', mmap=True, weights_only=True)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(policy, state['policy'], options=options)
     if ref is not None:
@@ -739,6 +923,17 @@ def load_checkpoint(out_dir, policy, ref, optimizer):
     set_optimizer_state_dict(policy, optimizer, state['optimizer'], options=options)
     torch.set_rng_state(state['rng'])
     return state['iter']
+
+
+def open_metrics(path, resume_iter):
+    """metrics.jsonl, open for appending. A resumed run (resume_iter: the step of its checkpoint) keeps the lines up to
+    its checkpoint: lines an interrupted run logged after it, and a line cut short by a kill, are dropped, so each
+    step appears once. A fresh run starts it empty."""
+    kept = [r for r in read_jsonl(path) if r['iter'] <= resume_iter] if resume_iter is not None else []
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(''.join(json.dumps(r) + '\n' for r in kept))
+    os.replace(tmp, path)  # a kill while rewriting leaves the old file
+    return open(path, 'a')
 
 
 # -----------------------------------------------------------------------------
@@ -769,6 +964,27 @@ def evaluate(policy, ref, pairs, pad_id, cfg, rank, world, micro_size, device):
     return {f'eval/{k}': v / (denominator if k == 'loss' else n) for k, v in totals.items()}
 
 
+def note_evaluation(pairs, eval_pairs, global_micro):
+    """Says why evaluate() will never run, if it will not: it evaluates whole global micro-batches only."""
+    n = 0 if pairs is None else min(len(pairs), eval_pairs)
+    if n < global_micro:
+        why = 'no test split' if pairs is None else 'eval_pairs=0' if eval_pairs == 0 else \
+            f'{len(pairs)} held-out pairs, eval_pairs={eval_pairs}: fewer than one micro-batch of {global_micro} ' \
+            'over all processes'
+        print(f'note: no evaluation ({why}); checkpoints are still saved every eval_interval steps')
+
+
+def stop_if_not_finite(loss, grad_norm, step):
+    """Stops every rank at a step whose loss or gradient norm is NaN or infinite, before the optimizer writes such
+    values into the weights and a checkpoint saves them."""
+    values = torch.stack([loss.float(), grad_norm.float()])
+    dist.all_reduce(values)  # a NaN or inf of any rank reaches every rank, so all stop together
+    if not values.isfinite().all():
+        loss, grad_norm = values.tolist()
+        raise SystemExit(f'error: iteration {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}; stopped before the '
+                         'optimizer step, so the last checkpoint holds finite weights (lr too high?)')
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg['device'])
     master = rank == 0
@@ -776,12 +992,17 @@ def train(cfg):
     if rest or micro_size == 0:
         raise SystemExit(f"error: batch_size={cfg['batch_size']} must be a multiple of "
                          f"world_size*grad_accum={world * cfg['grad_accum']}")
+    lock = lock_out_dir(Path(cfg['out_dir'])) if master else None  # held until train() returns or the process ends
+    check_out_dir(cfg)
     if master:
         print(json.dumps(cfg, indent=2))
     torch.manual_seed(cfg['seed'])
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
+    for key in ('init_from', 'ref_from'):
+        if cfg[key]:  # ref_from='' is a copy of init_from
+            check_model_path(cfg[key], key)
     tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
@@ -792,6 +1013,8 @@ def train(cfg):
     eval_pairs = load_pairs(cfg['data'], 'test', tokenizer, *lengths, need_rejected, verbose=master, required=False,
                             need_rewards=need_rewards)
     pad_id = padding_id(tokenizer)
+    if master:
+        note_evaluation(eval_pairs, cfg['eval_pairs'], world * micro_size)
 
     # models: policy and reference with fp32 master weights. A bf16 reference would round small soft updates
     # away (a change under half an ulp vanishes); fp32 costs 4 bytes per parameter per GPU, divided by the FSDP world.
@@ -818,12 +1041,7 @@ def train(cfg):
     out_dir = Path(cfg['out_dir'])
     start_iter = load_checkpoint(out_dir, policy, ref, optimizer) if cfg['resume'] else 0
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path = out_dir / 'metrics.jsonl'
-        # a resumed run continues from its last checkpoint: lines an interrupted run logged after it are dropped
-        earlier = metrics_path.read_text().splitlines() if cfg['resume'] and metrics_path.exists() else []
-        metrics_file = open(metrics_path, 'w')
-        metrics_file.writelines(line + '\n' for line in earlier if json.loads(line)['iter'] <= start_iter)
+        metrics_file = open_metrics(out_dir / 'metrics.jsonl', start_iter if cfg['resume'] else None)
         print(f'{n_params / 1e6:.2f}M parameters, world size {world}, {micro_size} pairs per micro-batch, '
               f'compute dtype {compute_dtype}, device {device}')
     wandb = None
@@ -848,7 +1066,7 @@ def train(cfg):
         save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
         if cfg['snapshots'] and master:  # the policy files only: a snapshot is for sampling, not for resuming
             shutil.copytree(out_dir, out_dir / f'iter_{it}', dirs_exist_ok=True,
-                            ignore=lambda d, names: [n for n in names if n in ('state.pt', 'metrics.jsonl')
+                            ignore=lambda d, names: [n for n in names if n in ('state.pt', 'metrics.jsonl', '.lock')
                                                      or n.startswith(('iter_', '.tmp'))])
 
     ref_updates = start_iter // cfg['tr_tau'] if cfg['ref_update'] != 'none' and ref is not None else 0
@@ -879,6 +1097,7 @@ def train(cfg):
                 sums[k] = sums.get(k, 0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg['grad_clip'] or float('inf'))
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        stop_if_not_finite(sums['loss'], grad_norm, it + 1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step = it + 1
@@ -900,6 +1119,7 @@ def train(cfg):
             eval_and_save(step)
     if master:
         metrics_file.close()
+        lock.close()
     dist.destroy_process_group()
 
 

@@ -1,7 +1,9 @@
 """Config parsing and the data path of train_tr.py: rendering rows, loading files, tokenizing, batching and the order
 of pairs. Expected values are written out by hand (the tiny tokenizer is only used as the ground truth for ids)."""
 import copy
+import importlib
 import json
+import re
 
 import pytest
 import torch
@@ -34,7 +36,7 @@ def test_config_int_for_float_is_accepted():
 @pytest.mark.parametrize('arg', ['--max_iters=abc', '--max_iters=1.5', '--max_iters=True', '--ipo_normalize=1',
                                  '--beta=True', '--beta=fast'])
 def test_config_wrong_type_is_rejected(arg):
-    with pytest.raises(ValueError, match=arg[2:].split('=')[0]):
+    with pytest.raises(SystemExit, match=f"error: {arg[2:].split('=')[0]} must be"):
         get_config([arg])
 
 
@@ -49,7 +51,7 @@ def test_config_without_dashes():
 
 
 def test_config_unknown_key_is_named():
-    with pytest.raises(ValueError, match="'bta'"):
+    with pytest.raises(SystemExit, match="unknown config key 'bta'"):
         get_config(['--bta=0.2'])
 
 
@@ -66,17 +68,71 @@ def test_config_file_then_command_line(tmp_path):
     assert cfg['beta'] == pytest.approx(0.1) and cfg['lr'] == pytest.approx(1e-4)
     bad = tmp_path / 'bad.py'
     bad.write_text('betta = 0.2\n')
-    with pytest.raises(ValueError, match="'betta'"):
+    with pytest.raises(SystemExit, match="unknown config key 'betta'"):
         get_config([str(bad)])
 
 
 @pytest.mark.parametrize('arg, word', [('--loss=simpo', 'loss'), ('--ref_update=sometimes', 'ref_update'),
                                       ('--tr_alpha=1.5', 'tr_alpha'), ('--tr_tau=0', 'tr_tau'),
                                       ('--beta=0', 'beta'), ('--label_smoothing=0.5', 'label_smoothing'),
-                                      ('--max_prompt_length=128', 'max_prompt_length')])
+                                      ('--max_prompt_length=128', 'max_prompt_length'),
+                                      ('--grad_clip=-1', 'grad_clip'), ('--warmup_iters=-3', 'warmup_iters'),
+                                      ('--warmup_iters=-1', 'warmup_iters'), ('--eval_pairs=-1', 'eval_pairs'),
+                                      ('--lr=1e999', 'lr must be finite'), ('--lr=-1e-4', 'lr'),
+                                      ('--beta=-1e999', 'beta must be finite'), ('--weight_decay=-0.1', 'weight_decay'),
+                                      ('--kto_desirable_weight=-1', 'kto'), ('--kto_undesirable_weight=-0.5', 'kto'),
+                                      ('--device=gpu', 'device')])
 def test_config_bad_values_raise(arg, word):
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(SystemExit, match=f'^error: .*{word}'):
         get_config([arg])
+
+
+def test_config_file_setting_of_another_type_is_an_error(tmp_path):
+    """A setting the file assigns is checked whatever its type (None and lists were ignored); names that are not
+    settings and not plain data (imports, helpers) are the file's own."""
+    for line, message in [('lr = None', 'lr must be float, got None'),
+                          ('warmup_iters = [10]', 'warmup_iters must be int, got [10]'),
+                          ("beta = float('nan')", 'beta must be finite')]:
+        path = tmp_path / 'config.py'
+        path.write_text(f'import math\ntaus = [1, 2]\n{line}\n')
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            get_config([str(path)])
+    path.write_text('beta = (\n')  # a broken file is one line naming it, not a traceback
+    with pytest.raises(SystemExit, match=f'error: config file {re.escape(str(path))}: SyntaxError'):
+        get_config([str(path)])
+
+
+def test_positional_argument_must_be_a_config_file(tmp_path):
+    """`python train_tr.py mydata.jsonl` used to execute the data as Python and train on the default data."""
+    data = write_jsonl(tmp_path / 'mydata.jsonl', [json.dumps(GOOD_ROWS[0])])
+    with pytest.raises(SystemExit, match=f'error: {re.escape(str(data))} is not a config file.*--data='):
+        get_config([str(data)])
+    with pytest.raises(SystemExit, match='error: config file .*missing.py not found'):
+        get_config([str(tmp_path / 'missing.py')])
+    with pytest.raises(SystemExit, match='error: --resume: settings are given as --key=value'):
+        get_config(['--resume'])
+
+
+@pytest.mark.parametrize('script', ['train_tr', 'sample', 'judge'])
+@pytest.mark.parametrize('flag', ['--help', '-h'])
+def test_help_lists_every_setting_with_its_default_and_meaning(script, flag, capsys):
+    module = importlib.import_module(script)
+    defaults = {k: getattr(train_tr, k) for k in train_tr.CONFIG_KEYS} if script == 'train_tr' else module.defaults
+    with pytest.raises(SystemExit) as info:
+        train_tr.parse_overrides(['--beta=0.3', flag], defaults, module.__file__)
+    assert info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == module.__doc__.strip().split('\n')[0]
+    settings = {line.split()[0].split('=')[0][2:]: line for line in lines if line.startswith('  --')}
+    assert list(settings) == list(defaults)
+    for key, line in settings.items():
+        assert len(line.split(None, 1)) == 2, f'{key} has no meaning'  # every setting has its comment
+    if script == 'train_tr':
+        assert settings['beta'].split() == ['--beta=0.1', 'KL', 'strength', 'β', '(TR-DPO', 'paper:', '0.05', 'on',
+                                            'HH', 'and', 'TL;DR)']
+        assert settings['lr'].split()[0] == '--lr=2e-4' and settings['ref_from'].split()[0] == "--ref_from=''"
+    if script == 'judge':
+        assert 'environment variable' in settings['api_key_env'] and 'endpoint' in settings['base_url']
 
 
 # -----------------------------------------------------------------------------
@@ -258,8 +314,143 @@ def test_load_pairs_folder_and_missing_split(tmp_path, tokenizer, good_pairs):
         load_pairs(str(tmp_path), 'test', tokenizer, 128, 64, verbose=False)  # required by default
     # a single file has no test split
     assert load_pairs(str(tmp_path / 'train.jsonl'), 'test', tokenizer, 128, 64, verbose=False, required=False) is None
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SystemExit, match='data file not found'):
         load_pairs(str(tmp_path / 'missing.jsonl'), 'train', tokenizer, 128, 64)
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path, tokenizer, capsys):
+    """U+2028, U+2029 and U+0085 inside strings, written raw by json.dumps(ensure_ascii=False), are not line ends."""
+    rows = [{'prompt': f'Q{i}{sep}more', 'chosen': f' a{sep}b', 'rejected': ' c'}
+            for i, sep in enumerate(['\u2028', '\u2029', '\x85', '\x0b', '\x0c', '\x1c', '\r'])]
+    path = tmp_path / 'seps.jsonl'
+    path.write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows), encoding='utf-8', newline='')
+    assert token_lists(load_pairs(str(path), 'train', tokenizer, 128, 64)) == [
+        list(tokenize_pair(tokenizer, r['prompt'], r['chosen'], r['rejected'], 128, 64)) for r in rows]
+    assert capsys.readouterr().out.strip() == f'{path}: 7 pairs'  # nothing skipped
+    path.write_bytes(path.read_bytes().replace(b'\n', b'\r\n'))  # Windows line ends are fine too
+    assert len(load_pairs(str(path), 'train', tokenizer, 128, 64, verbose=False)) == 7
+
+
+def test_byte_order_mark_is_accepted(tmp_path, tokenizer, good_pairs):
+    path = tmp_path / 'bom.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in GOOD_ROWS), encoding='utf-8-sig')
+    assert path.read_bytes().startswith(b'\xef\xbb\xbf')
+    assert token_lists(load_pairs(str(path), 'train', tokenizer, 128, 64, verbose=False)) == good_pairs  # the first row too
+    array = tmp_path / 'bom.json'
+    array.write_text(json.dumps(GOOD_ROWS), encoding='utf-8-sig')
+    assert token_lists(load_pairs(str(array), 'train', tokenizer, 128, 64, verbose=False)) == good_pairs
+
+
+@pytest.mark.parametrize('content, where', [
+    (f'{json.dumps(GOOD_ROWS[0])}\n{{"prompt": "caf\xe9", "chosen": " a", "rejected": " b"}}\n'.encode('latin-1'),
+     'line 2'),
+    (b'\x89PNG\r\x1a\x00' + bytes(range(128, 256)), 'line 1'),  # binary, no newline
+], ids=['latin-1', 'binary'])
+def test_file_that_is_not_utf8_is_named(tmp_path, tokenizer, content, where):
+    path = tmp_path / 'train.jsonl'
+    path.write_bytes(content)
+    with pytest.raises(SystemExit, match=f'error: {re.escape(str(path))} is not UTF-8 text .*{where}'):
+        load_pairs(str(path), 'train', tokenizer, 128, 64)
+
+
+def test_data_file_names(tmp_path, tokenizer, good_pairs):
+    """Suffixes in any case; a file of another kind, or a missing file, is one line saying what is accepted."""
+    lines = [json.dumps(r) for r in GOOD_ROWS]
+    upper = write_jsonl(tmp_path / 'data.JSONL', lines)
+    assert token_lists(load_pairs(str(upper), 'train', tokenizer, 128, 64, verbose=False)) == good_pairs
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    write_jsonl(folder / 'train.JSONL', lines)
+    assert token_lists(load_pairs(str(folder), 'train', tokenizer, 128, 64, verbose=False)) == good_pairs
+    text = write_jsonl(tmp_path / 'data.txt', lines)
+    with pytest.raises(SystemExit, match=r'data.txt: a data file must end in .jsonl .*, .json or .parquet'):
+        load_pairs(str(text), 'train', tokenizer, 128, 64)
+    only_txt = tmp_path / 'only_txt'
+    only_txt.mkdir()
+    write_jsonl(only_txt / 'train.txt', lines)
+    with pytest.raises(SystemExit, match=r'no train.jsonl, train.json or train.parquet in .*only_txt \(train.txt not '
+                                         r'read: the name must end in .jsonl, .json or .parquet\)'):
+        load_pairs(str(only_txt), 'train', tokenizer, 128, 64)
+    for missing in ('missing.jsonl', 'missing.txt', './missing_folder'):
+        with pytest.raises(SystemExit, match='data file not found'):
+            load_pairs(str(tmp_path / missing) if missing[0] != '.' else missing, 'train', tokenizer, 128, 64)
+
+
+def test_json_and_jsonl_of_one_split_is_an_error(tmp_path, tokenizer):
+    write_jsonl(tmp_path / 'train.jsonl', [json.dumps(r) for r in GOOD_ROWS])
+    (tmp_path / 'train.json').write_text(json.dumps(GOOD_ROWS[:1]))
+    with pytest.raises(SystemExit, match=r'has train.json and train.jsonl: keep one train file'):
+        load_pairs(str(tmp_path), 'train', tokenizer, 128, 64)
+
+
+def test_hub_dataset_that_fails_to_load_is_one_line(monkeypatch, tokenizer):
+    import datasets
+
+    def fail(name):
+        raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub\nor cannot be accessed.")
+    monkeypatch.setattr(datasets, 'load_dataset', fail)
+    with pytest.raises(SystemExit, match="error: data=org/nothing is no file or folder here, and "
+                                         "datasets.load_dataset failed: Dataset 'org/nothing' doesn't exist on the Hub "
+                                         "or cannot be accessed.$"):
+        load_pairs('org/nothing', 'train', tokenizer, 128, 64)
+
+
+def test_lone_surrogates_are_bad_rows(tmp_path, tokenizer, capsys, good_pairs):
+    """A lone surrogate is valid JSON but no text a tokenizer takes: the row is skipped and counted at load time
+    instead of crashing the step whose batch holds it."""
+    bad = [{'prompt': 'Q', 'chosen': ' broken \ud83c emoji', 'rejected': ' b'},
+           {'prompt': '\udfff', 'chosen': ' a', 'rejected': ' b'},
+           {'prompt': [{'role': 'user', 'content': 'Hi \ud83c'}], 'chosen': ' a', 'rejected': ' b'}]
+    path = write_jsonl(tmp_path / 'surrogates.jsonl', [json.dumps(r) for r in GOOD_ROWS + bad])
+    assert '\\ud83c' in path.read_text()  # what json.dumps writes: valid JSON
+    pairs = load_pairs(str(path), 'train', tokenizer, 128, 64)
+    assert token_lists(pairs) == good_pairs
+    assert capsys.readouterr().out.strip() == f'{path}: 3 pairs (skipped 3 rows: 3 invalid Unicode)'
+    assert make_batch(pairs, 'dpo', PAD)['input_ids'].shape[0] == 3  # tokenized at load time, all of them
+
+
+def test_messages_without_a_chat_template_are_bad_rows(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, 'chat_template', None)
+    assert render_row(GOOD_ROWS[2], tokenizer) == 'messages without a chat template'
+    assert render_row({**GOOD_ROWS[0]}, tokenizer) == GOOD_TEXTS[0]  # text rows need no template
+
+
+@pytest.mark.parametrize('n_pairs, eval_pairs, note', [
+    (None, 200, 'no test split'),
+    (3, 200, '3 held-out pairs, eval_pairs=200: fewer than one micro-batch of 16 over all processes'),
+    (40, 10, '40 held-out pairs, eval_pairs=10: fewer than one micro-batch of 16 over all processes'),
+    (40, 0, 'eval_pairs=0'),
+    (16, 200, None),
+])
+def test_note_when_evaluation_never_runs(capsys, n_pairs, eval_pairs, note):
+    pairs = None if n_pairs is None else GOOD_TEXTS[:1] * n_pairs
+    train_tr.note_evaluation(pairs, eval_pairs, 16)
+    out = capsys.readouterr().out
+    assert out == (f'note: no evaluation ({note}); checkpoints are still saved every eval_interval steps\n'
+                   if note else '')
+
+
+def test_model_paths_that_cannot_load_are_one_line(tmp_path):
+    """A missing folder was reported as 'Repo id must be in the form ...'."""
+    train_tr.check_model_path(str(train_tr.Path(__file__).parents[1] / 'data/tiny/sft'), 'init_from')  # fine
+    for name in (str(tmp_path / 'no' / 'such' / 'model'), './missing'):
+        with pytest.raises(SystemExit, match=f'^error: init_from={re.escape(name)} not found \\(no such folder\\)$'):
+            train_tr.check_model_path(name, 'init_from')
+    with pytest.raises(SystemExit, match='^error: ref_from=.*: the folder is not an HF model'):
+        train_tr.check_model_path(str(tmp_path), 'ref_from')
+    with pytest.raises(SystemExit, match=r'^error: init_from=out/missing-model: no such folder, and not loadable '
+                                         r'from the hub \(.*\)$') as info:  # a hub-like name, offline in the tests
+        train_tr.check_model_path('out/missing-model', 'init_from')
+    assert '\n' not in str(info.value)
+
+
+def test_device_cuda_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(SystemExit, match='^error: device=cuda, but this torch .* sees no CUDA device'):
+        train_tr.resolve_device('cuda')
+    assert train_tr.resolve_device('auto') == torch.device('cpu')
+    with pytest.raises(SystemExit, match="device must be one of"):
+        train_tr.resolve_device('gpu')
 
 
 # -----------------------------------------------------------------------------

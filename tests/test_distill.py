@@ -153,7 +153,7 @@ def test_distill_on_unlabelled_data_stops_before_training(tmp_path):
 def test_bad_distillation_settings_raise():
     for arg, word in [('--distill_reduce=max', 'distill_reduce'), ('--edistill_min=all', 'edistill_min'),
                       ('--pessimism_gamma=-1', 'pessimism_gamma'), ('--loss=rmx', 'loss must be one of')]:
-        with pytest.raises(ValueError, match=word):
+        with pytest.raises(SystemExit, match=word):
             train_tr.get_config([arg])
 
 

@@ -5,6 +5,7 @@ import functools
 import json
 import random
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,8 +26,8 @@ KEY = 'sk-test-5ecret-do-not-leak'
 
 class ChatServer(ThreadingHTTPServer):
     """POST /v1/chat/completions: answers `reply(prompt)`, after the failures queued in `script` (an HTTP status,
-    'garbage' for a body that is not JSON, 'no_choices' for JSON without choices, 'slow' for an answer after 0.5 s).
-    Counts requests."""
+    'garbage' for a body that is not JSON, 'no_choices' for JSON without choices, 'slow' for an answer after 0.5 s,
+    'bad_key' for OpenAI's 401 answer, which quotes the key). Counts requests."""
     def __init__(self):
         super().__init__(('127.0.0.1', 0), ChatHandler)
         self.hits, self.script, self.auth, self.prompts, self.lock = 0, [], set(), [], threading.Lock()
@@ -52,6 +53,12 @@ class ChatHandler(BaseHTTPRequestHandler):
             body, status = b'<html>proxy error</html>', 200
         elif action == 'no_choices':
             body, status = b'{"choices": []}', 200
+        elif action == 'bad_key':
+            key = self.headers.get('Authorization', '').removeprefix('Bearer ')
+            body = json.dumps({'error': {'message': f'Incorrect API key provided: {key}. You can find your API\n'
+                                                    'key at https://platform.openai.com/account/api-keys.',
+                                         'type': 'invalid_request_error', 'code': 'invalid_api_key'}}).encode()
+            status = 401
         else:
             content = server.reply(request['messages'][0]['content'])
             body = json.dumps({'choices': [{'message': {'role': 'assistant', 'content': content}}]}).encode()
@@ -143,15 +150,22 @@ def test_retries_malformed_answers_and_cache(tmp_path, server, monkeypatch, caps
     assert json.loads((tmp_path / 'result.json').read_text())['config']['api_key_env'] == 'NANOTR_TEST_KEY'
 
 
-def test_request_errors(tmp_path, server):
+def test_request_errors(tmp_path, server, monkeypatch):
+    monkeypatch.setenv('NANOTR_TEST_KEY', KEY)
     a = write_samples(tmp_path / 'a.jsonl', [' x'])
     server.script = [500] * 3
-    with pytest.raises(RuntimeError, match='failed 3 times'):  # retries exhausted
+    with pytest.raises(SystemExit, match=f'^error: the judge at {server.url} failed 3 times, last with HTTPError: '
+                                         'HTTP Error 500: Internal Server Error$'):
         judge.judge(config(tmp_path, server, a=a, b=a, retries=2))
-    server.script, hits = [401], server.hits
-    with pytest.raises(judge.urllib.error.HTTPError):  # not retried: it cannot succeed
+    server.script, hits = ['bad_key'], server.hits
+    with pytest.raises(SystemExit) as info:  # not retried: it cannot succeed
+        judge.judge(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
+    assert str(info.value) == (f'error: the judge at {server.url} answered HTTP 401: Incorrect API key provided: ***. '
+                               'You can find your API key at https://platform.openai.com/account/api-keys.')
+    server.script = [404]
+    with pytest.raises(SystemExit, match='answered HTTP 404: try again$'):
         judge.judge(config(tmp_path, server, a=a, b=a))
-    assert server.hits == hits + 1
+    assert server.hits == hits + 2
     assert not (tmp_path / 'cache.jsonl').read_text()  # failures are not cached
     server.script, hits = ['slow'], server.hits
     [result] = judge.judge(config(tmp_path, server, a=a, b=a, timeout=0.1))  # a timeout is retried
@@ -172,6 +186,113 @@ def test_files_without_a_common_prompt_fail_clearly(tmp_path):
     b = write_samples(tmp_path / 'b.jsonl', [' y'], prompts=['two'])
     with pytest.raises(SystemExit, match='have no \\(prompt, sample\\) in common'):
         judge.judge(config(tmp_path, a=a, b=b))
+
+
+def test_unreachable_judge_fails_at_once(tmp_path, monkeypatch):
+    """No server, no network, or no key for OpenAI's API: one line at once, instead of 70 s of retries."""
+    a = write_samples(tmp_path / 'a.jsonl', [' x', ' y'])
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    start = time.time()
+    with pytest.raises(SystemExit, match=f'^error: cannot reach the judge at http://127.0.0.1:{port}/v1: .*refused'):
+        judge.judge(config(tmp_path, base_url=f'http://127.0.0.1:{port}/v1', a=a, b=a, backoff=1.0))
+    assert time.time() - start < 1.0  # no retries (backoff 1 s, then 2 s, ...)
+    calls = []
+
+    def no_dns(request, timeout):
+        calls.append(request.full_url)
+        raise judge.urllib.error.URLError(socket.gaierror(-3, 'Temporary failure in name resolution'))
+    monkeypatch.setattr(judge.urllib.request, 'urlopen', no_dns)
+    with pytest.raises(SystemExit, match='cannot reach the judge at https://judge.example/v1: .*name resolution'):
+        judge.judge(config(tmp_path, base_url='https://judge.example/v1', a=a, b=a, concurrency=1))
+    assert calls == ['https://judge.example/v1/chat/completions']  # one request, not retried; the other not sent
+    monkeypatch.delenv('OPENAI_API_KEY', raising=False)
+    with pytest.raises(SystemExit, match='^error: OPENAI_API_KEY is not set: the judge at https://api.openai.com/v1 '
+                                         'needs an API key'):
+        judge.judge(config(tmp_path, base_url=judge.defaults['base_url'], a=a, b=a))
+    assert len(calls) == 1
+
+
+def samples_with_index(path, prompts, completion, num_samples=2):
+    """A sample.py-style file: every prompt (by its index in the split) with num_samples samples."""
+    rows = [{'prompt': p, 'completion': completion(i, j), 'index': i, 'sample': j}
+            for i, p in enumerate(prompts) for j in range(num_samples)]
+    Path(path).write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    return str(path)
+
+
+def test_pairwise_keeps_repeated_prompts_apart(tmp_path, server, capsys):
+    """The toy's test prompts occur several times each: pairing by (prompt, sample) turned 12 samples into 4
+    comparisons. Pairs are (index, sample); without an index, a repeated prompt is an error."""
+    prompts = ['Name three fruits.', 'Name three colours.'] * 3
+    a = samples_with_index(tmp_path / 'a.jsonl', prompts, lambda i, j: f' a long answer {i} {j}')
+    b = samples_with_index(tmp_path / 'b.jsonl', prompts, lambda i, j: f' short {i}')
+    server.reply = prefer_longer
+    [result] = judge.judge(config(tmp_path, server, a=a, b=b))
+    assert result['n'] == 12 and result['wins'] == 12
+    pairs = {(v['completion_a'], v['completion_b']) for v in
+             map(json.loads, (tmp_path / 'result.verdicts.jsonl').read_text().splitlines())}
+    assert pairs == {(f' a long answer {i} {j}', f' short {i}') for i in range(6) for j in range(2)}
+    part = samples_with_index(tmp_path / 'part.jsonl', prompts[:2], lambda i, j: f' short {i}')
+    [result] = judge.judge(config(tmp_path, server, a=a, b=part))
+    assert result['n'] == 4 and 'note: 4 pairs; 8 samples of' in capsys.readouterr().out
+    other = samples_with_index(tmp_path / 'other.jsonl', prompts[::-1], lambda i, j: ' x')
+    with pytest.raises(SystemExit, match='have different prompts at index 0: sampled from other data or splits'):
+        judge.judge(config(tmp_path, server, a=a, b=other))
+    plain = write_samples(tmp_path / 'plain.jsonl', [' x'] * 6, prompts=prompts)  # no index, no sample
+    with pytest.raises(SystemExit, match=r"plain.jsonl has 3 rows for \(prompt, sample\) = "
+                                         r"\('Name three fruits.', 0\), which would collapse into one pair"):
+        judge.judge(config(tmp_path, server, a=plain, b=plain))
+
+
+def test_cache_key_includes_the_server(tmp_path, server):
+    """Another base_url is another judge: a local server's answers were reported as GPT-4o's."""
+    a = write_samples(tmp_path / 'a.jsonl', [' one', ' two'])
+    other = ChatServer()
+    threading.Thread(target=other.serve_forever, args=(0.01,), daemon=True).start()
+    try:
+        other.reply = lambda prompt: 'I cannot decide.'
+        [first] = judge.judge(config(tmp_path, server, a=a, b=a))
+        [second] = judge.judge(config(tmp_path, other, a=a, b=a))
+        assert (server.hits, other.hits) == (2, 2)
+        assert first['unparsed'] == 0 and second['unparsed'] == 2
+        assert judge.judge(config(tmp_path, other, a=a, b=a)) == [second] and other.hits == 2  # cached per server
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, 'sample file not found: {path}$'),
+    ('', '{path} holds no samples'),
+    ('{"prompt": "p", "completion": " c"}\n{"prompt": "p"}\n', '{path} line 2 has no text "prompt" and "completion"'),
+    ('{"prompt": "p", "completion": " c"}\n\n{"prompt": "p", "comp', '{path} line 3 is not valid JSON'),
+    ('{"prompt": ["p"], "completion": " c"}\n', '{path} line 1 has no text'),
+])
+@pytest.mark.parametrize('mode', ['pairwise', 'criteria', 'reward', 'gold'])
+def test_bad_sample_files_are_one_line(tmp_path, mode, content, message):
+    path = tmp_path / 'samples.jsonl'
+    if content is not None:
+        path.write_text(content)
+    files = dict(a=str(path), b=str(path)) if mode == 'pairwise' else dict(files=f'{path},')
+    with pytest.raises(SystemExit, match='^error: ' + re.escape(message.format(path=path)).replace(r'\$', '$')):
+        judge.judge(config(tmp_path, mode=mode, reward_models=SFT, **files))
+
+
+@pytest.mark.parametrize('mode, needs', [('pairwise', 'a= and b='), ('criteria', 'files='), ('reward', 'files='),
+                                         ('gold', 'files='), ('label', 'reward_models=')])
+def test_missing_arguments_are_named(tmp_path, mode, needs):
+    """`python judge.py` alone raised IsADirectoryError (a='' read as the current folder)."""
+    with pytest.raises(SystemExit, match=f'^error: mode={mode} needs {re.escape(needs)}'):
+        judge.judge(dict(judge.defaults, mode=mode))
+
+
+def test_reward_mode_needs_a_trained_score_head(tmp_path):
+    """A causal LM would be loaded with a random score head and give random rewards."""
+    path = write_samples(tmp_path / 's.jsonl', [' x'])
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(SFT)} is not a reward model .*LlamaForCausalLM"):
+        judge.judge(config(tmp_path, mode='reward', files=path, reward_models=SFT))
 
 
 @pytest.mark.parametrize('answer, verdict', [
@@ -254,15 +375,17 @@ def test_label_writes_rewards_and_resumes(tmp_path, reward_models):
     data = tmp_path / 'data'
     data.mkdir()
     lines = (REPO / 'data/tiny/train.jsonl').read_text().splitlines()[:30]
-    lines += [json.dumps({'prompt': 'Hi', 'chosen': ' ', 'rejected': ' no'}), 'not json']
+    lines += [json.dumps({'prompt': 'Hi', 'chosen': ' ', 'rejected': ' no'}), 'not json',
+              json.dumps({'prompt': 'Hi', 'chosen': ' \ud83c', 'rejected': ' no'})]  # crashed the tokenizer
     (data / 'train.jsonl').write_text('\n'.join(lines) + '\n')
     (data / 'test.jsonl').write_text('\n'.join((REPO / 'data/tiny/test.jsonl').read_text().splitlines()[:5]) + '\n')
     out = tmp_path / 'labelled'
     cfg = config(tmp_path, mode='label', data=str(data), reward_models=','.join(reward_models), out=str(out))
     results = judge.judge(cfg)
-    assert [(r['pairs'], r['skipped'], r['labelled_now']) for r in results] == [(30, 2, 30), (5, 0, 5)]
-    assert results[0]['empty response'] == results[0]['not a JSON object'] == 1
+    assert [(r['pairs'], r['skipped'], r['labelled_now']) for r in results] == [(30, 3, 30), (5, 0, 5)]
+    assert results[0]['empty response'] == results[0]['not a JSON object'] == results[0]['invalid Unicode'] == 1
     rows = [json.loads(line) for line in (out / 'train.jsonl').read_text().splitlines()]
+    assert all(r['reward_models'] == reward_models for r in rows)  # which model each reward is from
     original = [json.loads(line) for line in lines[:30]]
     assert [{k: v for k, v in r.items() if not k.startswith('reward_')} for r in rows] == original
     tokenizer = AutoTokenizer.from_pretrained(SFT)
@@ -280,6 +403,12 @@ def test_label_writes_rewards_and_resumes(tmp_path, reward_models):
     assert [r['labelled_now'] for r in results] == [18, 0]  # test.jsonl was finished: kept
     assert (out / 'train.jsonl').read_text() == full
     assert len(read_rows(str(out), 'test')[0]) == 5
+    # another list of reward models would put two lists' labels into one file: refused, the file untouched
+    for names in (reward_models[::-1], reward_models[:1]):
+        with pytest.raises(SystemExit, match=f"^error: {out / 'train.jsonl'} holds labels of reward_models="
+                                             f"{re.escape(','.join(reward_models))}, not {re.escape(','.join(names))}"):
+            judge.judge(dict(cfg, reward_models=','.join(names)))
+        assert (out / 'train.jsonl').read_text() == full
 
 
 def test_reward_mode_means_and_kl(tmp_path, reward_models):

@@ -2,6 +2,8 @@
 estimate (exact ids, KL of a model against itself = 0), resuming, and 2 processes writing what 1 process writes."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +97,29 @@ def test_resume_continues_and_does_not_redo(tmp_path):
     assert run_sample(out) == resumed  # a finished file stays as it is
     with pytest.raises(SystemExit, match='other settings'):
         run_sample(out, temperature=0.5)
+
+
+def test_ref_with_another_tokenizer_is_refused(tmp_path):
+    """The toy's tokenizer (384 tokens) is not the tiny one (512): logp_ref of the sampled ids would be a meaningless
+    KL of about 70 nats."""
+    toy = str(REPO / 'data/toy/sft')
+    with pytest.raises(SystemExit, match=f'^error: ref={re.escape(toy)} has another tokenizer than init_from='):
+        run_sample(tmp_path / 'samples.jsonl', ref=toy)
+    assert not (tmp_path / 'samples.jsonl').exists()
+    with pytest.raises(SystemExit, match='^error: init_from=.*missing not found'):
+        run_sample(tmp_path / 'samples.jsonl', init_from=str(tmp_path / 'no/such/missing'))
+
+
+def test_outputs_of_readme_commands_are_ignored_by_git():
+    """The README's commands write samples/, judge_cache.jsonl and out*/ into the checkout."""
+    if shutil.which('git') is None or subprocess.run(['git', 'rev-parse'], cwd=REPO, capture_output=True).returncode:
+        pytest.skip('not a git checkout')
+    commands = re.findall(r'```bash\n(.*?)```', (REPO / 'README.md').read_text(), re.S)
+    outputs = {m for block in commands for m in re.findall(r'--out(?:_dir)?=(\S+)', block)}
+    assert {'samples/tr.jsonl', 'out/labels'} <= outputs
+    paths = sorted(outputs | {'judge_cache.jsonl', 'samples/tr_vs_sft.verdicts.jsonl'})
+    proc = subprocess.run(['git', 'check-ignore', '--no-index', *paths], cwd=REPO, capture_output=True, text=True)
+    assert sorted(proc.stdout.split()) == paths
 
 
 @pytest.mark.slow

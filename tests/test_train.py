@@ -1,6 +1,7 @@
 """End-to-end runs of train_tr.py in subprocesses (1 process, and 2 processes under torchrun with gloo), on the toy
 SFT model and pairs that data/toy ships (the defaults). Invariants from the papers' math, plus distributed agreement
 and exact resume."""
+import fcntl
 import json
 import math
 import os
@@ -49,7 +50,7 @@ def test_dpo_starts_at_ln2_and_learns(tmp_path):
     assert first['rewards/chosen'] == 0 and first['rewards/margins'] == 0
     assert sum(r['rewards/margins'] for r in records[-4:]) > 0  # the policy moved toward the chosen responses
     for key in ('rewards/rejected', 'rewards/accuracies', 'logps/chosen', 'logps/rejected', 'lr', 'grad_norm',
-                'tokens_per_sec', 'peak_mem_gb', 'ref_updates'):
+                'step_time', 'tokens_per_sec', 'peak_mem_gb', 'ref_updates'):
         assert key in first
 
 
@@ -85,8 +86,9 @@ def test_activation_checkpointing_and_bf16(tmp_path):
 def test_soft_with_alpha_zero_matches_no_update(tmp_path):
     _, soft = run(tmp_path / 'soft', *SMALL, '--ref_update=soft', '--tr_alpha=0.0', '--tr_tau=1')
     _, none = run(tmp_path / 'none', *SMALL, '--ref_update=none')
-    assert [{k: v for k, v in r.items() if k not in ('tokens_per_sec', 'peak_mem_gb', 'ref_updates')} for r in soft] \
-        == [{k: v for k, v in r.items() if k not in ('tokens_per_sec', 'peak_mem_gb', 'ref_updates')} for r in none]
+    varying = ('step_time', 'tokens_per_sec', 'peak_mem_gb', 'ref_updates')
+    assert [{k: v for k, v in r.items() if k not in varying} for r in soft] \
+        == [{k: v for k, v in r.items() if k not in varying} for r in none]
     assert_same_weights(final_state(tmp_path / 'soft')['ref'], final_state(tmp_path / 'none')['ref'])
 
 
@@ -147,9 +149,9 @@ def test_resume_continues_exactly(tmp_path, nproc):
     _, straight = run(tmp_path / 'straight', *SMALL, '--max_iters=6', '--tr_tau=2', nproc=nproc)
     run(tmp_path / 'split', *SMALL, '--max_iters=3', '--tr_tau=2', nproc=nproc)
     with open(tmp_path / 'split' / 'metrics.jsonl', 'a') as f:  # as if the run had gone on past its checkpoint
-        f.write(json.dumps({'iter': 4, 'loss': 123.0}) + '\n')
+        f.write(json.dumps({'iter': 4, 'loss': 123.0}) + '\n{"iter": 5, "lo')  # and was killed mid-line
     _, resumed = run(tmp_path / 'split', *SMALL, '--max_iters=6', '--tr_tau=2', '--resume=True', nproc=nproc)
-    assert [r['loss'] for r in resumed] == [r['loss'] for r in straight]  # the stale line is gone
+    assert [r['loss'] for r in resumed] == [r['loss'] for r in straight]  # the stale and the torn line are gone
     a, b = final_state(tmp_path / 'straight'), final_state(tmp_path / 'split')
     assert a['iter'] == b['iter'] == 6
     assert_same_weights(a['policy'], b['policy'])
@@ -183,14 +185,26 @@ def test_sft_trains_without_reference(tmp_path):
     assert final_state(tmp_path)['ref'] is None
 
 
+def one_line_error(proc):
+    """The `error: ...` line a failed run ends with; it must be the only thing on stderr but progress bars."""
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if '%|' not in line and line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr[-3000:]
+    return lines[0]
+
+
 def test_bad_data_and_bad_config_fail_clearly(tmp_path):
     bad = tmp_path / 'bad.jsonl'
     bad.write_text('{"prompt": "x", "chosen": "", "rejected": "b"}\n{"prompt": 1, "chosen": "a", "rejected": "b"}\n'
                    'not json\n')
     proc, _ = run(tmp_path / 'o1', f'--data={bad}', check=False)
-    assert proc.returncode != 0 and str(bad) in proc.stderr and 'no usable preference rows' in proc.stderr
+    assert str(bad) in one_line_error(proc) and 'no usable preference rows' in proc.stderr
     proc, _ = run(tmp_path / 'o2', '--no_such_key=1', check=False)
-    assert proc.returncode != 0 and "unknown config key 'no_such_key'" in proc.stderr
+    assert "unknown config key 'no_such_key'" in one_line_error(proc)
+    for args, message in [([str(bad)], f'error: {bad} is not a config file'),
+                          (['--init_from=/no/such/model'], 'error: init_from=/no/such/model not found')]:
+        proc, _ = run(tmp_path / 'o5', *args, check=False)
+        assert one_line_error(proc).startswith(message)
     (tmp_path / 'empty').mkdir()
     proc, _ = run(tmp_path / 'o4', f"--data={tmp_path / 'empty'}", check=False)
     assert proc.returncode != 0 and 'no train.jsonl, train.json or train.parquet in' in proc.stderr
@@ -200,12 +214,46 @@ def test_bad_data_and_bad_config_fail_clearly(tmp_path):
 
 def test_some_bad_rows_are_skipped_and_counted(tmp_path):
     rows = [json.loads(line) for line in (REPO / 'data/tiny/train.jsonl').read_text().splitlines()[:8]]
-    rows += [{'prompt': 'p', 'chosen': 'same', 'rejected': 'same'}, {'chosen': 'a', 'rejected': 'b'}]
+    rows += [{'prompt': 'p', 'chosen': 'same', 'rejected': 'same'}, {'chosen': 'a', 'rejected': 'b'},
+             {'prompt': 'p', 'chosen': ' half an emoji \ud83c', 'rejected': ' b'}]  # crashed the tokenizer
     data = tmp_path / 'mixed.jsonl'
     data.write_text('\n'.join(map(json.dumps, rows)) + '\n{broken\n')
     proc, records = run(tmp_path / 'out', *SMALL, '--max_iters=2', f'--data={data}')
-    assert f'{data}: 8 pairs (skipped 3 rows: 1 identical responses, 1 missing key, 1 not a JSON object)' in proc.stdout
-    assert len(records) == 2
+    assert (f'{data}: 8 pairs (skipped 4 rows: 1 identical responses, 1 invalid Unicode, 1 missing key, '
+            '1 not a JSON object)') in proc.stdout
+    assert len(records) == 2  # two steps over all 8 pairs
+
+
+def test_out_dir_holds_one_run_under_its_own_settings(tmp_path):
+    """A fresh run into a saved run, a resume with other settings, and a second run at the same time are refused
+    in one line before anything is written; a resume with only RESUMABLE settings changed continues."""
+    out = tmp_path / 'run'
+    run(out, *SMALL, '--max_iters=2')
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    proc, _ = run(out, *SMALL, '--max_iters=2', '--loss=ipo', check=False)
+    assert one_line_error(proc) == (f'error: {out} holds a saved run ({out}/state.pt); continue it with --resume=True, '
+                                    f'use another out_dir, or delete {out}/state.pt to start a new run there')
+    proc, _ = run(out, *SMALL, '--max_iters=4', '--resume=True', '--beta=0.2', '--batch_size=8', check=False)
+    message = one_line_error(proc)
+    assert message.startswith(f'error: resume=True with other settings than the run saved in {out}/state.pt: ')
+    assert 'beta=0.1 saved, 0.2 now; batch_size=4 saved, 8 now.' in message
+    with open(out / '.lock') as held:  # another run holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc, _ = run(out, *SMALL, '--max_iters=4', '--resume=True', check=False)
+    assert one_line_error(proc).startswith(f'error: another run is using {out}')
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing was touched
+    _, records = run(out, *SMALL, '--max_iters=4', '--resume=True', '--log_interval=2', '--eval_pairs=4')
+    assert [r['iter'] for r in records] == [1, 2, 4]
+
+
+def test_non_finite_loss_stops_before_a_checkpoint(tmp_path):
+    """lr=1e30 makes the weights huge after step 1 (saved, finite) and the gradient NaN at step 2."""
+    proc, records = run(tmp_path, *SMALL, '--lr=1e30', '--warmup_iters=0', '--eval_interval=1', check=False)
+    assert one_line_error(proc).startswith('error: iteration 2: loss ')
+    assert 'stopped before the optimizer step' in proc.stderr
+    assert [r['iter'] for r in records] == [1]
+    state = final_state(tmp_path)
+    assert state['iter'] == 1 and all(v.isfinite().all() for v in state['policy'].values())
 
 
 @pytest.mark.slow

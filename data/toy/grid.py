@@ -87,7 +87,7 @@ def measure(model_dir, samples_path):
     sample.sample(dict(sample.defaults, init_from=str(model_dir), ref=SFT, data=DATA, out=str(samples_path),
                        **SAMPLING))
     (scores,), _ = judge.reward(dict(judge.defaults, mode='gold', files=str(samples_path)), '')
-    rows = sample.read_jsonl(samples_path)
+    rows = train_tr.read_jsonl(samples_path)
     return dict(gold=scores['gold']['mean'], kl=scores['kl']['mean'],
                 items=sum(len(items_of(r['completion'])) for r in rows) / len(rows))
 
@@ -103,6 +103,7 @@ def worker(path):
         return
     cfg = train_tr.get_config([*spec['args'], f'--out_dir={path}', f"--seed={spec['seed']}"])
     cfg['snapshots'] = cfg['loss'] != 'rm'  # a reward model is not sampled
+    cfg['resume'] = (path / 'state.pt').exists()  # a run interrupted after a checkpoint continues (same settings only)
     train_tr.train(cfg)
     if cfg['loss'] == 'rm':
         (path / 'curve.json').write_text('[]')
