@@ -548,6 +548,11 @@ def padding_id(tokenizer):
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+# Rows are padded to a multiple of 32 tokens: a bounded set of shapes. On a CPU, oneDNN builds and caches kernels per
+# shape for bf16, and with free widths a SmolLM2 run grew by 1.7 GB in 50 steps (measured; 0.3 GB padded).
+PAD_MULTIPLE = 32
+
+
 def layout(rows, pad_id, device='cpu'):
     """The batch tensors of rows [(prompt_ids, [response_ids, ...])]: each row is one sequence, the prompt followed by
     all its responses, right-padded. Prompt sharing (Wang & Hegde 2024): a response token attends to the prompt and to
@@ -561,7 +566,7 @@ def layout(rows, pad_id, device='cpu'):
         n_tokens the real tokens of the batch (each prompt counted once)
     """
     n_rows, n_responses = len(rows), len(rows[0][1])
-    width = max(len(p) + sum(map(len, rs)) for p, rs in rows)
+    width = -(-max(len(p) + sum(map(len, rs)) for p, rs in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
     segment = torch.full((n_rows, width), -1)  # 0 prompt, j + 1 response j, -1 padding

@@ -608,7 +608,8 @@ def test_make_batch_dpo_layout(tokenizer):
     row, then the rejected ones."""
     batch = make_batch(tokenized(tokenizer, PAIRS), 'dpo', PAD)
     rows = [(ids(tokenizer, p), ids(tokenizer, c) + [EOS], ids(tokenizer, r) + [EOS]) for p, c, r in PAIRS]
-    width = max(len(p) + len(c) + len(r) for p, c, r in rows)
+    width = 64  # the longest row, 36 tokens, padded to a multiple of train_tr.PAD_MULTIPLE
+    assert max(len(p + c + r) for p, c, r in rows) == 36 and train_tr.PAD_MULTIPLE == 32
     assert batch['input_ids'].tolist() == [p + c + r + [PAD] * (width - len(p + c + r)) for p, c, r in rows]
     assert batch['labels'].tolist() == sum([c for _, c, _ in rows] + [r for _, _, r in rows], [])
     assert batch['lengths'].tolist() == [len(c) for _, c, _ in rows] + [len(r) for _, _, r in rows]

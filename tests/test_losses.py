@@ -145,9 +145,11 @@ def shared_batch(chosen=CHOSEN, pad_id=1):
     return train_tr.layout(rows, pad_id)
 
 
-def test_layout_hand_example():
-    """Rows are 3+4+2 = 9, 2+2+7 = 11 and 7+1+3 = 11 tokens, so the width is 11. Each response's positions restart
-    at its prompt's end; in row 1 the first rejected token (column 4) sees the prompt (0, 1) and itself only."""
+def test_layout_hand_example(monkeypatch):
+    """Rows are 3+4+2 = 9, 2+2+7 = 11 and 7+1+3 = 11 tokens, so the width is 11 (unrounded here). Each response's
+    positions restart at its prompt's end; in row 1 the first rejected token (column 4) sees the prompt (0, 1) and
+    itself only."""
+    monkeypatch.setattr(train_tr, 'PAD_MULTIPLE', 1)
     batch = shared_batch()
     assert batch['input_ids'][0].tolist() == [5, 6, 7, 100, 101, 102, 103, 200, 201, 1, 1]
     assert batch['position_ids'][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 4, 0, 0]
@@ -164,6 +166,14 @@ def test_layout_hand_example():
     assert batch['owner'].tolist() == [0] * 4 + [1] * 2 + [2] + [3] * 2 + [4] * 7 + [5] * 3
     assert batch['last'].tolist() == [6, 14, 29, 8, 21, 32]
     assert batch['n_tokens'] == 31
+
+
+def test_layout_width_is_a_multiple_of_32():
+    """11 tokens are padded to 32; padding is never attended by a real token, and the flat indices use the width."""
+    batch = shared_batch()
+    assert batch['input_ids'].shape == (3, 32) and (batch['input_ids'][1, 11:] == 1).all()
+    assert not batch['attention_mask'][:, 0, :11, 11:].any()
+    assert batch['predict'][:4].tolist() == [2, 3, 4, 5] and batch['predict'][4:6].tolist() == [33, 34]
 
 
 def test_layout_reads_rewards_before_a_padding_eos():
@@ -209,9 +219,11 @@ def test_rejected_never_sees_chosen(tiny_model):
     assert (changed[:3] != base[:3]).all() and torch.equal(changed[3:], base[3:])
 
 
-def test_padding_does_not_change_logps(tiny_model):
-    """Row 0 alone (no padding) and as row 0 of the batch (2 columns of padding) give the same log-probs."""
+def test_padding_does_not_change_logps(tiny_model, monkeypatch):
+    """Row 0 alone (no padding) and as row 0 of the batch (23 columns of padding) give the same log-probs."""
+    monkeypatch.setattr(train_tr, 'PAD_MULTIPLE', 1)
     alone = train_tr.layout([(torch.tensor(PROMPTS[0]), [torch.tensor(CHOSEN[0]), torch.tensor(REJECTED[0])])], 1)
+    monkeypatch.undo()
     assert alone['input_ids'].shape == (1, 9)
     with torch.no_grad():
         single = train_tr.sequence_logps(tiny_model, alone)[0]
