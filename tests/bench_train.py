@@ -14,10 +14,11 @@ precision here, autocast in TRL).
 Each (model, dtype, trainer) runs in its own process, so peak memory is the peak RSS of that process alone (read after
 the last timed step, before any checkpoint). Throughput is the mean over the timed steps, after warm-up steps:
     pairs/s    preference pairs per second
-    tokens/s   the pairs' tokens as a plain DPO forward counts them: prompt + chosen + prompt + rejected, no padding
+    tokens/s   the tokens each trainer runs through the model, padding excluded: prompt + chosen + rejected for
+               nanoTR (each prompt once), prompt + chosen + prompt + rejected for TRL
     MFU        8·N·tokens FLOPs per second (policy forward and backward 6N, reference forward 2N per token) over the
-               machine's matmul peak, measured here with a 2048 × 2048 matmul in the same dtype. The FLOPs are those a
-               plain forward needs: a trainer that computes less (shared prompts, no padding) gains MFU by it
+               machine's matmul peak, measured here with a 2048 × 2048 matmul in the same dtype (nanoTR computes the
+               head only at response positions, so its true FLOPs are somewhat lower)
 """
 import argparse
 import json
@@ -85,8 +86,9 @@ def write_rows(model, folder, hh):
     return path
 
 
-def dpo_tokens(model, path):
-    """Σ over the rows of prompt + chosen + prompt + rejected tokens, as train_tr.py tokenizes them."""
+def tokens_per_pair(model, path, trainer):
+    """Mean tokens per pair as train_tr.py tokenizes the rows: prompt + chosen + rejected (nanoTR's rows), or with
+    the prompt once per response (TRL's)."""
     from transformers import AutoTokenizer
 
     import train_tr
@@ -94,7 +96,8 @@ def dpo_tokens(model, path):
     tokenizer = AutoTokenizer.from_pretrained(spec['init_from'])
     pairs = train_tr.load_pairs(str(path), 'train', tokenizer, spec['max_length'], spec['max_length'] - 1,
                                 verbose=False)
-    return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs) / len(pairs)
+    prompts = 1 if trainer == 'nanotr' else 2
+    return sum(prompts * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs) / len(pairs)
 
 
 def run_nanotr(model, dtype, path, out_dir):
@@ -151,7 +154,7 @@ def worker(args):
         step_times, peak = (run_nanotr if args.trainers == 'nanotr' else run_trl)(args.models, args.dtypes, path,
                                                                                  Path(tmp) / 'out')
         print('RESULT ' + json.dumps({'step_time': sum(step_times) / len(step_times), 'peak_gb': peak,
-                                      'tokens_per_pair': dpo_tokens(args.models, path)}))
+                                      'tokens_per_pair': tokens_per_pair(args.models, path, args.trainers)}))
 
 
 def main(args):
