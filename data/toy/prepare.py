@@ -88,6 +88,16 @@ def gold_reward(prompt, response):
     return on_topic - OFF_TOPIC_COST * (len(items) - on_topic) - OVERSHOOT_COST * max(0, len(items) - k)
 
 
+WORDS = {word for words in CATEGORIES.values() for word in words}
+
+
+def in_support(response):
+    """Whether a response is a list the demonstrations could contain: known words, commas, a final full stop.
+    Broken words ("rapple"), other text and lists cut off before their full stop are off the task's support."""
+    items = items_of(response)
+    return response.strip().endswith('.') and bool(items) and all(item in WORDS for item in items)
+
+
 def proxy_reward(prompt, response, length_bias):
     """What the biased annotator prefers: r* plus length_bias per listed item."""
     return gold_reward(prompt, response) + length_bias * len(items_of(response))
