@@ -15,7 +15,8 @@ from test_train import SMALL, run
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'data/toy'))
-from prepare import CATEGORIES, COUNTS, PHRASINGS, PROMPT, gold_reward, parse_prompt, proxy_reward  # noqa: E402
+from prepare import (CATEGORIES, COUNTS, PHRASINGS, PROMPT, gold_reward, in_support, items_of,  # noqa: E402
+                     parse_prompt, proxy_reward)
 
 FRUITS = PROMPT.format(request='Name three fruits.')
 
@@ -104,30 +105,47 @@ def test_snapshots_keep_each_evaluated_policy(tmp_path):
 
 @pytest.mark.slow
 def test_grid_quick(tmp_path):
-    """The grid script's smoke setting: every method trains, every snapshot is sampled and scored, results.md has a
-    row per method; the SFT point has KL exactly 0 and every curve point is the gold reward of its samples."""
+    """The grid script's smoke setting: every run trains, every snapshot is sampled, scored and diagnosed, results.md
+    has each table; the SFT point has KL exactly 0, every curve point is the gold reward and off-support fraction of
+    its samples, and each length-bias set holds the fraction ρ of longer-preferred pairs it is named for."""
     env = dict(os.environ, HF_HUB_OFFLINE='1')
     proc = subprocess.run([sys.executable, 'data/toy/grid.py', '--quick', f'--out={tmp_path}'], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    table = (tmp_path / 'results.md').read_text()
-    for method in ('DPO', 'TR-DPO soft', 'TR-DPO hard', 'd-DPO', 'e-DPO'):
-        assert f'| {method} | ' in table
-    results = json.loads((tmp_path / 'results.json').read_text())
+    check_grid_output(tmp_path)
+
+
+def check_grid_output(out):
+    table = (out / 'results.md').read_text()
+    for row in ('| DPO | none | ', '| DPO | soft τ=1 α=0.05 | ', '| DPO | hard τ=4 | ', '| e-DPO γ=0.1 | ',
+                '| p-DPO γ=0.1 | ', '## B. Distillation'):
+        assert row in table, row
+    results = json.loads((out / 'results.json').read_text())
     assert results['sft']['kl'] == 0.0
-    sft_rows = read(tmp_path / 'sft/samples.jsonl')
+    sft_rows = read(out / 'sft/samples.jsonl')
     assert results['sft']['gold'] == pytest.approx(sum(gold_reward(r['prompt'], r['completion']) for r in sft_rows)
                                                    / len(sft_rows))
-    for name, runs in results['curves'].items():
+    curves = {**results['trust_region'], **results['distillation']}
+    for name, runs in curves.items():
         assert [p['iter'] for p in runs[0]] == [10, 20], name
-    # --quick updates the reference within its 20 steps (τ = 5 soft, 10 hard): TR-DPO is not DPO
-    assert results['curves']['TR-DPO soft'] != results['curves']['DPO']
-    assert results['curves']['TR-DPO hard'] != results['curves']['DPO']
-    for snap in tmp_path.glob('*/iter_*'):
+    # --quick updates the reference within its 20 steps (τ = 1 soft, 4 hard): TR-DPO is not DPO
+    dpo = results['trust_region']['DPO | none | β=0.1']
+    assert results['trust_region']['DPO | soft τ=1 α=0.05 | β=0.1'] != dpo
+    assert results['trust_region']['DPO | hard τ=4 | β=0.1'] != dpo
+    snapshots = list(out.glob('*/*/iter_*'))
+    assert len(snapshots) == 2 * len(curves)
+    for snap in snapshots:
         rows = read(snap / 'samples.jsonl')
         assert len(rows) == 2 * len(read(REPO / 'data/toy/test.jsonl'))
         (point,) = [p for p in read(snap.parent / 'curve.json')[0] if p['iter'] == int(snap.name[5:])]
         assert point['gold'] == pytest.approx(sum(gold_reward(r['prompt'], r['completion']) for r in rows) / len(rows))
         assert point['kl'] == pytest.approx(sum(r['kl'] for r in rows) / len(rows))
-    rm_labels = read(tmp_path / 'rm_labels/train.jsonl')
-    assert all(len(r['reward_chosen']) == 2 for r in rm_labels)  # --quick trains 2 reward models
+        assert point['off_support'] == sum(not in_support(r['completion']) for r in rows) / len(rows)
+    for rho in (0.2, 0.8):
+        pairs = read(out / f'rho_{rho}/train.jsonl')
+        longer = sum(len(items_of(r['chosen'])) > len(items_of(r['rejected'])) for r in pairs)
+        assert longer == round(rho * len(pairs)) and all(len(items_of(r['chosen'])) != len(items_of(r['rejected']))
+                                                         for r in pairs)
+        assert all(r['gold_chosen'] == gold_reward(r['prompt'], r['chosen']) for r in pairs)
+        labels = read(out / f'rho_{rho}/labels/train.jsonl')
+        assert len(labels) == len(pairs) and all(len(r['reward_chosen']) == 2 for r in labels)  # 2 reward models

@@ -285,8 +285,8 @@ def trust_region_tables(tr_curves, sft, seeds):
              for f, u in keys]
     text += ('\n## A. Diagnostics at the last checkpoint (each family\'s middle β)\n\nOff support: fraction of '
              'samples that are not a list of known words ending in a full stop. Log-probs per token: held-out (test) '
-             'chosen and rejected responses, and training chosen ones. Train margin: mean over training pairs of the log-ratio '
-             'margin against π_SFT in nats. Curves over steps: diagnostics.png.\n\n'
+             'chosen and rejected responses, and training chosen ones. Train margin: mean over training pairs of the '
+             'log-ratio margin against π_SFT in nats. Curves over steps: diagnostics.png.\n\n'
              + table(['family', 'reference update', 'β', 'off support', 'logp/token chosen (held-out)',
                       'logp/token rejected (held-out)', 'logp/token chosen (train)', 'train margin'], rows))
     return text, per_seed, middle
@@ -312,11 +312,11 @@ def distillation_tables(distill_curves, rm_accuracy, natural_rho):
                 for name in names]
     best = list(tuned.values())
     text = (f'## B. Distillation: gold reward against the length bias ρ\n\nTraining pairs labelled by Bradley–Terry '
-            f'on r*, subsampled so that a fraction ρ prefers the longer list. Relabelled by r*, the shipped SFT pairs of '
-            f'different lengths prefer the longer one in {natural_rho:.2f} of cases: r* itself prefers shorter lists '
-            f'of these samples, so ρ = 0.8 is the set that fights the gold reward and ρ = 0.2 the one that agrees '
-            f'with it. Reward models ({len(rm_accuracy[rhos[0]])} per ρ) score the held-out pairs (relabelled by r*) '
-            'with accuracy '
+            f'on r*, subsampled so that a fraction ρ prefers the longer list. Relabelled by r*, the shipped SFT pairs '
+            f'of different lengths prefer the longer one in {natural_rho:.2f} of cases: r* itself prefers shorter '
+            f'lists of these samples, so ρ = 0.8 is the set that fights the gold reward and ρ = 0.2 the one that '
+            f'agrees with it. Reward models ({len(rm_accuracy[rhos[0]])} per ρ) score the held-out pairs (relabelled '
+            'by r*) with accuracy '
             + ', '.join(f'{cell(rm_accuracy[rho])} at ρ = {rho}' for rho in rhos)
             + '. e-DPO, p-DPO and TR + e-DPO at the γ with the best final gold averaged over ρ (the γ table below).'
             '\n\nFinal gold:\n\n' + table(header, rows(best, lambda run: run[-1]['gold']))
