@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from sample import drop_partial_line, generate  # importing sample also hides the "Loading weights" bars
+from sample import drop_partial_line, generate
 from train_tr import check_model_path, end_of_turn, jsonl_lines, layout, load_model, padding_id, parse_overrides, \
     read_jsonl, read_rows, read_text, render_row, resolve_device, sequence_rewards, tokenize_pair, tokenize_prompt
 
