@@ -50,7 +50,6 @@ import types
 from collections import Counter, namedtuple
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -63,7 +62,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# config: defaults run TR-DPO on the toy that data/toy ships (α, τ from its sweep); README gives paper-scale values
+# config: defaults run TR-DPO on the toy that data/toy ships; the comments give the papers' values
 # I/O
 out_dir = 'out'                 # the run's folder: HF checkpoint, state.pt, metrics.jsonl
 init_from = 'data/toy/sft'      # policy: HF hub name or local HF directory (usually the SFT model)
@@ -93,8 +92,8 @@ edistill_min = 'example'        # edistill: min over reward models per pair, or 
 pessimism_gamma = 0.1           # edistill, pdpo: γ, weight of the KL(π_ref‖π_θ) term (ours; the paper tunes it)
 # trust region
 ref_update = 'soft'             # none | soft | hard
-tr_alpha = 0.1                  # soft: weight of the policy in the mix (paper: 0.6; 0.1 from data/toy's sweep)
-tr_tau = 25                     # update every this many optimizer steps (paper, hard update: 512; toy sweep: 25)
+tr_alpha = 0.1                  # soft: weight of the policy in the mix (paper: 0.6; the 300-step toy run: 0.1)
+tr_tau = 25                     # update every this many optimizer steps; 1 = every step (paper, hard update: 512)
 # optimization
 batch_size = 16                 # preference pairs per optimizer step, over all processes
 grad_accum = 1                  # micro-steps per optimizer step (each process takes batch_size/world/grad_accum pairs)
@@ -369,13 +368,8 @@ def render_response(tokenizer, prompt, prompt_text, response):
 
 
 def is_valid_unicode(text):
-    """False for text holding a lone surrogate (valid JSON, e.g. "\\ud83c" from a cut emoji), which the tokenizer
-    cannot take."""
-    try:
-        text.encode('utf-8')
-    except UnicodeEncodeError:
-        return False
-    return True
+    """False for text holding a lone surrogate (valid JSON, e.g. "\\ud83c" from a cut emoji): no tokenizer takes it."""
+    return not re.search('[\ud800-\udfff]', text)
 
 
 def render_row(row, tokenizer, need_rejected=True):
@@ -464,13 +458,9 @@ def without_oldest_exchange(messages):
     return messages[:users[0]] + messages[users[1]:]
 
 
-class Pair(NamedTuple):
-    """A tokenized example: prompt and response ids (int32; rejected is None for sft), and for reward-labelled data
-    the margins Δr_i = r_i(y_w) − r_i(y_l) of its k reward models."""
-    prompt: torch.Tensor
-    chosen: torch.Tensor
-    rejected: torch.Tensor | None = None
-    reward_margins: tuple | None = None
+# A tokenized example: prompt and response ids (int32; rejected is None for sft), and for reward-labelled data the
+# margins Δr_i = r_i(y_w) − r_i(y_l) of its k reward models.
+Pair = namedtuple('Pair', 'prompt chosen rejected reward_margins', defaults=(None, None))
 
 
 def encode_row(row, tokenizer, max_length, max_prompt_length, need_rejected=True, turn_end=''):
@@ -1056,7 +1046,8 @@ def micro_batch_size(cfg, world):
     return micro_size
 
 
-def load_tokenizer(cfg):
+def load_data(cfg, master):
+    """(tokenizer, train Pairs, held-out Pairs or None), with the responses and labels that the loss reads."""
     from transformers import AutoTokenizer
     for key in ('init_from', 'ref_from'):
         if cfg[key]:  # ref_from='' is a copy of init_from
@@ -1064,15 +1055,10 @@ def load_tokenizer(cfg):
     tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
-    return tokenizer
-
-
-def load_splits(cfg, tokenizer, master):
-    """(train Pairs, held-out Pairs or None), with the responses and labels that the loss reads."""
-    spec = LOSSES[cfg['loss']]
     settings = dict(tokenizer=tokenizer, max_length=cfg['max_length'], max_prompt_length=cfg['max_prompt_length'],
-                    need_rejected=spec.pairs, verbose=master, need_rewards=spec.labels)
-    return load_pairs(cfg['data'], 'train', **settings), load_pairs(cfg['data'], 'test', required=False, **settings)
+                    need_rejected=LOSSES[cfg['loss']].pairs, verbose=master, need_rewards=LOSSES[cfg['loss']].labels)
+    return tokenizer, load_pairs(cfg['data'], 'train', **settings), load_pairs(cfg['data'], 'test', required=False,
+                                                                              **settings)
 
 
 def load_models(cfg, device, world):
@@ -1125,9 +1111,8 @@ def train(cfg):
     check_out_dir(cfg)
     print0(json.dumps(cfg, indent=2))
     torch.manual_seed(cfg['seed'])
-    tokenizer = load_tokenizer(cfg)
+    tokenizer, train_pairs, eval_pairs = load_data(cfg, master)
     pad_id = padding_id(tokenizer)
-    train_pairs, eval_pairs = load_splits(cfg, tokenizer, master)
     if master:
         note_evaluation(eval_pairs, cfg['eval_pairs'], world * micro_size)
     policy, ref, compute_dtype = load_models(cfg, device, world)
