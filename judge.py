@@ -1,6 +1,37 @@
-"""judge.py: evaluation of sample.py files (win rate of system A over B by an LLM judge, 1–10 criteria scores,
-reward-model scores, a known gold reward), and reward labels for preference pairs (`train_tr.py --loss=distill`).
-README.md has examples."""
+"""
+judge.py: evaluation of sample.py files, as the papers evaluate (GPT-4 win rates, 1–10 ratings, quality against KL
+from the SFT policy), and reward labels for preference pairs. Each mode prints a table; --out=F.json keeps every number.
+
+  mode=pairwise  a=, b= sample files: win rate of A over B = (wins + ties/2)/n with a 95% CI; F.verdicts.jsonl beside
+                 --out holds each prompt's completions, order shown, answer, verdict and winner
+  mode=criteria  files=: mean 1–10 score per criterion (coherence, correctness, level of detail, helpfulness,
+                 harmlessness) and per file, the count of unparsed answers, the files' mean kl
+  mode=reward    files=, reward_models=: mean reward per file and reward model (train_tr.py --loss=rm checkpoints)
+  mode=gold      files=, gold= a Python file defining gold_reward(prompt, response) (default: the toy's r*)
+  mode=label     data=, reward_models=, out= a folder: out/{train,test}.jsonl for train_tr.py --loss=distill|edistill
+
+    python judge.py --a=samples/tr.jsonl --b=samples/sft.jsonl --template=tldr --out=samples/tr_vs_sft.json
+    python judge.py --a=samples/tr.jsonl --b=samples/sft.jsonl --base_url=http://localhost:8000/v1 \
+        --judge_model=Qwen/Qwen3-8B
+    python judge.py --mode=gold --files=samples/sft.jsonl,samples/tr.jsonl
+
+Pairing: samples meet by (index, sample), which sample.py writes, so a prompt that occurs several times in a split
+gives a comparison per occurrence; the prompts must agree at each index. A is shown first in a random (seeded) half of
+the pairs, which cancels a judge's position bias. CIs are percentiles of `bootstrap` resamples of the prompts, a
+prompt's samples resampled together. A verdict is the last line starting `More helpful:` / `More harmless:` /
+`Preferred:` (or a last line that is only A or B); anything else is a tie, counted as unparsed, as are scores outside
+1–10. Templates (template=): data/judge_templates/{hh,hh_harmless,tldr,criteria}.txt (the DPO paper's prompts), or
+a file of your own in which {prompt}, {a}, {b} and {response} are filled in.
+Judges: judge=http posts to {base_url}/chat/completions of any OpenAI-compatible server with the standard library; the
+key is read from the variable named api_key_env and is never printed or written. A 429, a 5xx, a timeout or a malformed
+body is retried with backoff; other 4xx, a refused connection and an unknown host stop at once with the server's
+message. Answers are cached by (judge, judge_model, max_tokens, prompt, base_url): a rerun asks only what is missing.
+judge=hf runs a local HF causal LM greedily, through its chat template when it has one.
+Scoring (reward, label) tokenizes and truncates as train_tr.py does and reads the score at the last token that is not
+padding; label renders message lists with the first reward model's chat template, writes each usable row plus
+reward_chosen, reward_rejected (a float per reward model) and reward_models, and resumes an interrupted file to the
+same bytes; a file labelled by another reward_models list is an error.
+"""
 import importlib.util
 import json
 import os
@@ -18,7 +49,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from sample import drop_partial_line, generate  # importing sample also hides the "Loading weights" bars
+from sample import drop_partial_line, generate
 from train_tr import check_model_path, end_of_turn, jsonl_lines, layout, load_model, padding_id, parse_overrides, \
     read_jsonl, read_rows, read_text, render_row, resolve_device, sequence_rewards, tokenize_pair, tokenize_prompt
 

@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from train_tr import check_model_path, layout, load_model, load_pairs, padding_id, parse_overrides, read_jsonl, \
     sequence_logps, setup_distributed
@@ -51,7 +50,6 @@ defaults = dict(
     device='auto',          # auto | cpu | cuda
     out='',                 # JSONL output path; '' prints the samples (one process only)
 )
-hf_logging.disable_progress_bar()  # the "Loading weights" bars
 SETTINGS = ('model', 'ref', 'data', 'split', 'temperature', 'top_p', 'max_new_tokens', 'max_prompt_length', 'seed',
             'batch_size')  # written on every line; resuming needs them unchanged
 

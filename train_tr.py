@@ -47,10 +47,9 @@ import sys
 import time
 import tokenize
 import types
-from collections import Counter
+from collections import Counter, namedtuple
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -63,7 +62,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# config: defaults run TR-DPO on the toy that data/toy ships (α, τ from its sweep); README gives paper-scale values
+# config: defaults run TR-DPO on the toy that data/toy ships; the comments give the papers' values
 # I/O
 out_dir = 'out'                 # the run's folder: HF checkpoint, state.pt, metrics.jsonl
 init_from = 'data/toy/sft'      # policy: HF hub name or local HF directory (usually the SFT model)
@@ -93,8 +92,8 @@ edistill_min = 'example'        # edistill: min over reward models per pair, or 
 pessimism_gamma = 0.1           # edistill, pdpo: γ, weight of the KL(π_ref‖π_θ) term (ours; the paper tunes it)
 # trust region
 ref_update = 'soft'             # none | soft | hard
-tr_alpha = 0.1                  # soft: weight of the policy in the mix (paper: 0.6; 0.1 from data/toy's sweep)
-tr_tau = 25                     # update every this many optimizer steps (paper, hard update: 512; toy sweep: 25)
+tr_alpha = 0.1                  # soft: weight of the policy in the mix (paper: 0.6; the 300-step toy run: 0.1)
+tr_tau = 25                     # update every this many optimizer steps; 1 = every step (paper, hard update: 512)
 # optimization
 batch_size = 16                 # preference pairs per optimizer step, over all processes
 grad_accum = 1                  # micro-steps per optimizer step (each process takes batch_size/world/grad_accum pairs)
@@ -111,8 +110,6 @@ peak_flops = 989e12             # per-device peak for MFU (H100 dense bf16)
 seed = 1337                     # data order and the reward model's score-head initialization
 CONFIG_KEYS = [k for k, v in list(globals().items())
                if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
-LOSSES = ('sft', 'rm', 'dpo', 'ipo', 'kto', 'distill', 'edistill', 'pdpo')
-REWARD_LABELLED = ('distill', 'edistill')  # losses that read reward_chosen/reward_rejected from the data
 REF_UPDATES = ('none', 'soft', 'hard')
 DEVICES = ('auto', 'cpu', 'cuda')
 
@@ -201,7 +198,7 @@ def check_config(cfg):
             raise SystemExit(f'error: {message}')
     for key, value in cfg.items():
         need(not isinstance(value, float) or math.isfinite(value), f'{key} must be finite, got {value}')
-    need(cfg['loss'] in LOSSES, f"loss must be one of {LOSSES}, got {cfg['loss']!r}")
+    need(cfg['loss'] in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}")
     need(cfg['ref_update'] in REF_UPDATES, f"ref_update must be one of {REF_UPDATES}, got {cfg['ref_update']!r}")
     need(0.0 <= cfg['tr_alpha'] <= 1.0, 'tr_alpha must be in [0, 1]')
     need(cfg['tr_tau'] >= 1, 'tr_tau must be >= 1')
@@ -217,7 +214,8 @@ def check_config(cfg):
     need(cfg['distill_reduce'] in ('first', 'mean'), 'distill_reduce must be first or mean')
     need(cfg['edistill_min'] in ('example', 'batch'), 'edistill_min must be example or batch')
     need(cfg['pessimism_gamma'] >= 0 and cfg['rm_center_coef'] >= 0, 'pessimism_gamma and rm_center_coef must be >= 0')
-    need(cfg['loss'] != 'kto' or cfg['batch_size'] >= 2, 'kto needs batch_size >= 2 (its mismatched pairs)')
+    need(not LOSSES[cfg['loss']].mismatched or cfg['batch_size'] >= 2, f"{cfg['loss']} needs batch_size >= 2 (its "
+         'mismatched pairs)')
     need(cfg['kto_desirable_weight'] >= 0 and cfg['kto_undesirable_weight'] >= 0, 'kto_desirable_weight and kto_undesirable_weight must be >= 0')
     # a negative clip flips the gradient, a negative warm-up gives a negative (or at -1 an undefined) learning rate
     need(cfg['grad_clip'] >= 0, 'grad_clip must be >= 0 (0 disables clipping)')
@@ -370,13 +368,8 @@ def render_response(tokenizer, prompt, prompt_text, response):
 
 
 def is_valid_unicode(text):
-    """False for text holding a lone surrogate (valid JSON, e.g. "\\ud83c" from a cut emoji), which the tokenizer
-    cannot take."""
-    try:
-        text.encode('utf-8')
-    except UnicodeEncodeError:
-        return False
-    return True
+    """False for text holding a lone surrogate (valid JSON, e.g. "\\ud83c" from a cut emoji): no tokenizer takes it."""
+    return not re.search('[\ud800-\udfff]', text)
 
 
 def render_row(row, tokenizer, need_rejected=True):
@@ -406,9 +399,9 @@ def render_row(row, tokenizer, need_rejected=True):
         return 'invalid Unicode'
     if not all(t.strip() for t in texts):
         return 'empty response'
-    if len(texts) == 2 and texts[0] == texts[1]:
+    if need_rejected and texts[0] == texts[1]:
         return 'identical responses'
-    return prompt_text, texts[0], texts[1] if len(texts) == 2 else None
+    return prompt_text, texts[0], texts[1] if need_rejected else None
 
 
 def end_of_turn(tokenizer):
@@ -465,13 +458,9 @@ def without_oldest_exchange(messages):
     return messages[:users[0]] + messages[users[1]:]
 
 
-class Pair(NamedTuple):
-    """A tokenized example: prompt and response ids (int32; rejected is None for sft), and for reward-labelled data
-    the margins Δr_i = r_i(y_w) − r_i(y_l) of its k reward models."""
-    prompt: torch.Tensor
-    chosen: torch.Tensor
-    rejected: torch.Tensor | None = None
-    reward_margins: tuple | None = None
+# A tokenized example: prompt and response ids (int32; rejected is None for sft), and for reward-labelled data the
+# margins Δr_i = r_i(y_w) − r_i(y_l) of its k reward models.
+Pair = namedtuple('Pair', 'prompt chosen rejected reward_margins', defaults=(None, None))
 
 
 def encode_row(row, tokenizer, max_length, max_prompt_length, need_rejected=True, turn_end=''):
@@ -602,7 +591,7 @@ def layout(rows, pad_id, device='cpu'):
 def make_batch(pairs, loss_name, pad_id, device='cpu'):
     """One micro-batch of Pairs: a row per pair, [prompt, chosen, rejected] (sft: [prompt, chosen]), and for
     labelled pairs their reward margins [n, k]."""
-    batch = layout([(p.prompt, [p.chosen] if loss_name == 'sft' else [p.chosen, p.rejected]) for p in pairs], pad_id,
+    batch = layout([(p.prompt, [p.chosen, p.rejected] if LOSSES[loss_name].pairs else [p.chosen]) for p in pairs], pad_id,
                    device)
     if pairs[0].reward_margins is not None:
         batch['reward_margins'] = torch.tensor([p.reward_margins for p in pairs], device=device)
@@ -614,10 +603,10 @@ def epoch_order(n_pairs, seed, epoch):
     return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
-def step_pair_indices(n_pairs, it, batch_size, seed):
-    """Indices of the pairs of global step `it`: consecutive slices of a stream of seeded per-epoch permutations,
-    so the data position of a run is just its iteration number."""
-    indices, start = [], it * batch_size
+def step_pair_indices(n_pairs, done, batch_size, seed):
+    """Indices of the pairs of the iteration after `done` iterations: consecutive slices of a stream of seeded
+    per-epoch permutations, so the data position of a run is just its iteration number."""
+    indices, start = [], done * batch_size
     while len(indices) < batch_size:
         epoch, offset = divmod(start + len(indices), n_pairs)
         indices += epoch_order(n_pairs, seed, epoch)[offset:offset + batch_size - len(indices)]
@@ -632,6 +621,8 @@ def load_model(name, reward_model=False):
     checkpoint (the SFT model) its score head starts at random, seeded by torch.manual_seed. SDPA attention, because
     layout's masks are boolean (eager attention would add them as numbers)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # the "Loading weights" bars
     config = AutoConfig.from_pretrained(name)
     for key, value in config.to_dict().items():
         if ('dropout' in key or 'pdrop' in key) and isinstance(value, float):
@@ -711,50 +702,96 @@ def sequence_rewards(reward_model, batch):
 
 
 # -----------------------------------------------------------------------------
-# losses
-def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss='dpo', beta=0.1,
-                    label_smoothing=0.0, chosen_tokens=None, rejected_tokens=None, ipo_normalize=True,
-                    kto_z=None, kto_desirable_weight=1.0, kto_undesirable_weight=1.0):
-    """Per-pair losses from summed sequence log-probs (equations in the module docstring)."""
-    rho_chosen, rho_rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-    if loss == 'dpo':
-        logits = beta * (rho_chosen - rho_rejected)
-        return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    if loss == 'ipo':
-        if ipo_normalize:
-            rho_chosen, rho_rejected = rho_chosen / chosen_tokens, rho_rejected / rejected_tokens
-        return (rho_chosen - rho_rejected - 1 / (2 * beta)) ** 2
-    if loss == 'kto':
-        desirable = kto_desirable_weight * (1 - torch.sigmoid(beta * (rho_chosen - kto_z)))
-        undesirable = kto_undesirable_weight * (1 - torch.sigmoid(beta * (kto_z - rho_rejected)))
-        return (desirable + undesirable) / 2
-    raise ValueError(f'unknown preference loss {loss!r}')
+# losses: each is a short function of a micro-batch's per-pair Terms, its body the equation of the module docstring;
+# the LOSSES table says what each one reads, and batch_loss computes exactly that
+# Terms: per-pair values of a micro-batch, [n] for n pairs. The policy's summed log-probs of the chosen and rejected
+# responses (a reward model: its rewards r(x, y); sft: chosen only), their log-ratios ρ = logπ_θ − logπ_ref, the
+# responses' token counts, the reward models' margins Δr_i [n, k] of labelled pairs, and KTO's baseline z.
+Terms = namedtuple('Terms', 'chosen rejected rho_chosen rho_rejected chosen_tokens rejected_tokens reward_margins '
+                   'kto_z', defaults=(None,) * 7)
 
 
-def reward_model_loss(reward_chosen, reward_rejected, center_coef=0.0):
-    """Bradley–Terry, per pair: −log σ(r_w − r_l), plus c·(r_w + r_l)², which pins the offset that the likelihood
-    leaves free (TRL's center_rewards_coefficient, Eisenstein et al. 2023)."""
-    return -F.logsigmoid(reward_chosen - reward_rejected) + center_coef * (reward_chosen + reward_rejected) ** 2
+def forward_kl(x):
+    """KL(π_ref‖π_θ) = E_{y∼π_ref}[logπ_ref(y) − logπ_θ(y)], the dataset responses taken as samples of π_ref:
+    −(ρ_w + ρ_l)/2 per pair. Its gradient is that of the policy's NLL on the responses, whatever π_ref is."""
+    return -(x.rho_chosen + x.rho_rejected) / 2
 
 
-def distillation_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, reward_margins, loss='distill',
-                      beta=0.1, distill_reduce='first', edistill_min='example'):
-    """Per-pair squared distance of the implicit reward margin m = β(ρ_w − ρ_l) to the reward models' margins
-    Δr [n, k]. d-DPO regresses m on one Δr: a finite target where DPO's pushes m to infinity (Fisch et al. 2024).
-    e-DPO keeps, of the k reward models, the one closest to the policy: the policy need only agree with some
-    plausible reward model, and the γ·KL term added by batch_loss pulls it toward π_ref, so it moves only as far as
-    the most conservative member of the family allows (the pessimism; our reading of the paper, see README)."""
-    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    if loss == 'distill':
-        target = reward_margins.mean(-1) if distill_reduce == 'mean' else reward_margins[:, 0]
-        return (margin - target) ** 2
-    errors = (margin[:, None] - reward_margins) ** 2
-    if edistill_min == 'example':
-        return errors.min(-1).values
-    # 'batch': min_i of the mean error over the global micro-batch; the argmin is picked without gradient
-    totals = errors.detach().sum(0)
-    dist.all_reduce(totals)
-    return errors[:, totals.argmin()]
+def sft_loss(x, cfg):
+    return -x.chosen  # summed over each response's tokens; the step averages over all response tokens
+
+
+def rm_loss(x, cfg):
+    """Bradley–Terry, −log σ(r_w − r_l), plus c·(r_w + r_l)², which pins the offset that the likelihood leaves free
+    (TRL's center_rewards_coefficient, Eisenstein et al. 2023)."""
+    return -F.logsigmoid(x.chosen - x.rejected) + cfg['rm_center_coef'] * (x.chosen + x.rejected) ** 2
+
+
+def dpo_loss(x, cfg):
+    logits, eps = cfg['beta'] * (x.rho_chosen - x.rho_rejected), cfg['label_smoothing']
+    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
+
+def ipo_loss(x, cfg):
+    h = x.rho_chosen / x.chosen_tokens - x.rho_rejected / x.rejected_tokens if cfg['ipo_normalize'] \
+        else x.rho_chosen - x.rho_rejected
+    return (h - 1 / (2 * cfg['beta'])) ** 2
+
+
+def kto_loss(x, cfg):
+    desirable = cfg['kto_desirable_weight'] * (1 - torch.sigmoid(cfg['beta'] * (x.rho_chosen - x.kto_z)))
+    undesirable = cfg['kto_undesirable_weight'] * (1 - torch.sigmoid(cfg['beta'] * (x.kto_z - x.rho_rejected)))
+    return (desirable + undesirable) / 2
+
+
+def distill_loss(x, cfg):
+    """d-DPO regresses m on one Δr: a finite target where DPO's pushes m to infinity (Fisch et al. 2024)."""
+    target = x.reward_margins.mean(-1) if cfg['distill_reduce'] == 'mean' else x.reward_margins[:, 0]
+    return (cfg['beta'] * (x.rho_chosen - x.rho_rejected) - target) ** 2
+
+
+def edistill_loss(x, cfg):
+    """e-DPO keeps, of the k reward models, the one closest to the policy: the policy need only agree with some
+    plausible reward model, and γ·KL pulls it toward π_ref, so it moves only as far as the most conservative member
+    of the family allows (the pessimism; our reading of the paper, see README)."""
+    errors = (cfg['beta'] * (x.rho_chosen - x.rho_rejected)[:, None] - x.reward_margins) ** 2
+    if cfg['edistill_min'] == 'example':
+        closest = errors.min(-1).values
+    else:  # 'batch': min_i of the mean error over the global micro-batch; the argmin is picked without gradient
+        totals = errors.detach().sum(0)
+        dist.all_reduce(totals)
+        closest = errors[:, totals.argmin()]
+    return closest + cfg['pessimism_gamma'] * forward_kl(x)
+
+
+def pdpo_loss(x, cfg):
+    return dpo_loss(x, cfg) + cfg['pessimism_gamma'] * forward_kl(x)
+
+
+# What each loss reads besides the policy's log-probs of the chosen responses; batch_loss computes exactly that.
+#   pairs       the rejected responses too (else: chosen only, averaged over tokens)
+#   rm          the policy is a reward model: its rewards r(x, y) instead of log-probs
+#   reference   the reference's log-probs (and the trust-region update moves it)
+#   labels      the reward models' margins Δr_i from the data (judge.py mode=label)
+#   mismatched  KTO's z, from mismatched pairs (x_i, y_{i+1}) of the step (kto_baseline)
+#   pessimism   adds γ·KL(π_ref‖π_θ), logged as forward_kl
+Loss = namedtuple('Loss', 'fn pairs rm reference labels mismatched pessimism')
+LOSSES = {  #                        pairs  rm     reference  labels  mismatched  pessimism
+    'sft':      Loss(sft_loss,       False, False, False,     False,  False,      False),
+    'rm':       Loss(rm_loss,        True,  True,  False,     False,  False,      False),
+    'dpo':      Loss(dpo_loss,       True,  False, True,      False,  False,      False),
+    'ipo':      Loss(ipo_loss,       True,  False, True,      False,  False,      False),
+    'kto':      Loss(kto_loss,       True,  False, True,      False,  True,       False),
+    'distill':  Loss(distill_loss,   True,  False, True,      True,   False,      False),
+    'edistill': Loss(edistill_loss,  True,  False, True,      True,   False,      True),
+    'pdpo':     Loss(pdpo_loss,      True,  False, True,      False,  False,      True),
+}
+
+
+def chosen_rejected(values, pairs=True):
+    """(chosen, rejected) of a response-major [chosen; rejected] tensor (layout's order); (values, None) for a batch
+    of chosen responses only."""
+    return tuple(values.chunk(2)) if pairs else (values, None)
 
 
 def kto_baseline(policy, ref, pairs, micro_size, pad_id, cfg, device):
@@ -777,52 +814,43 @@ def kto_baseline(policy, ref, pairs, micro_size, pad_id, cfg, device):
 
 def loss_denominator(batch, loss_name):
     """What the loss of a batch averages over: response tokens for sft, pairs (rows) otherwise."""
-    if loss_name == 'sft':
+    if not LOSSES[loss_name].pairs:
         return batch['lengths'].sum().float()
     return torch.tensor(float(len(batch['input_ids'])), device=batch['input_ids'].device)
 
 
 def batch_loss(policy, ref, batch, cfg, kto_z=None):
-    """(Σ of per-pair losses, or Σ token NLL for sft; dict of per-pair metric values) for one micro-batch; kto_z is
-    KTO's baseline for the optimizer step (kto_baseline)."""
-    if cfg['loss'] == 'rm':
-        rewards = sequence_rewards(policy, batch)
-        n = len(rewards) // 2
-        margins = (rewards[:n] - rewards[n:]).detach()
-        losses = reward_model_loss(rewards[:n], rewards[n:], cfg['rm_center_coef'])
-        return losses.sum(), {'accuracy': (margins > 0).float(), 'margin': margins}
-    if cfg['loss'] == 'sft':
-        policy_logps = sequence_logps(policy, batch)[0]
-        return -policy_logps.sum(), {'logps/chosen': policy_logps.detach()}
-    with torch.no_grad():  # first: its temporaries are gone before the policy's activations are kept for backward
-        ref_logps = sequence_logps(ref, batch)[0]
-    policy_logps, response_tokens = sequence_logps(policy, batch)
-    n = len(policy_logps) // 2
-    logps = policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:]
-    if cfg['loss'] in REWARD_LABELLED:
-        losses = distillation_loss(*logps, batch['reward_margins'], cfg['loss'], cfg['beta'], cfg['distill_reduce'],
-                                   cfg['edistill_min'])
-    else:
-        losses = preference_loss(*logps, 'dpo' if cfg['loss'] == 'pdpo' else cfg['loss'], cfg['beta'],
-                                 cfg['label_smoothing'], response_tokens[:n], response_tokens[n:],
-                                 cfg['ipo_normalize'], kto_z, cfg['kto_desirable_weight'],
-                                 cfg['kto_undesirable_weight'])
-    rho = policy_logps - ref_logps
-    rewards = cfg['beta'] * rho.detach()
-    metrics = {'rewards/chosen': rewards[:n], 'rewards/rejected': rewards[n:],
-               'rewards/accuracies': (rewards[:n] > rewards[n:]).float(), 'rewards/margins': rewards[:n] - rewards[n:],
-               'logps/chosen': policy_logps[:n].detach(), 'logps/rejected': policy_logps[n:].detach()}
-    if kto_z is not None:
-        metrics['kl'] = kto_z.expand(n)
-    if 'reward_margins' in batch:
-        metrics['rewards/rm_margins'] = batch['reward_margins'].mean(-1)  # the target, averaged over reward models
-    if cfg['loss'] in ('edistill', 'pdpo'):
-        # KL(π_ref‖π_θ) = E_{y∼π_ref}[logπ_ref(y) − logπ_θ(y)], the dataset responses taken as samples of π_ref:
-        # −(ρ_w + ρ_l)/2 per pair. Its gradient is that of the policy's NLL on the responses, whatever π_ref is.
-        forward_kl = -(rho[:n] + rho[n:]) / 2
-        losses = losses + cfg['pessimism_gamma'] * forward_kl
-        metrics['forward_kl'] = forward_kl.detach()
-    return losses.sum(), metrics
+    """(Σ of per-pair losses, or Σ token NLL for sft; dict of per-pair metric values) for one micro-batch: the Terms
+    that LOSSES says the loss reads, then its function; kto_z is KTO's baseline for the step (kto_baseline)."""
+    spec = LOSSES[cfg['loss']]
+    if spec.reference:
+        with torch.no_grad():  # first: its temporaries are gone before the policy's activations are kept for backward
+            ref_logps = sequence_logps(ref, batch)[0]
+    outputs, tokens = (sequence_rewards(policy, batch), batch['lengths']) if spec.rm else sequence_logps(policy, batch)
+    rho = chosen_rejected(outputs - ref_logps) if spec.reference else (None, None)
+    x = Terms(*chosen_rejected(outputs, spec.pairs), *rho, *chosen_rejected(tokens, spec.pairs),
+              batch.get('reward_margins'), kto_z)
+    return spec.fn(x, cfg).sum(), loss_metrics(x, spec, cfg)
+
+
+def loss_metrics(x, spec, cfg):
+    """Per-pair values to log, under TRL's names: rewards/* are the implicit rewards β·ρ."""
+    if spec.rm:
+        margins = (x.chosen - x.rejected).detach()
+        return {'accuracy': (margins > 0).float(), 'margin': margins}
+    if not spec.reference:
+        return {'logps/chosen': x.chosen.detach()}
+    reward_w, reward_l = cfg['beta'] * x.rho_chosen.detach(), cfg['beta'] * x.rho_rejected.detach()
+    metrics = {'rewards/chosen': reward_w, 'rewards/rejected': reward_l,
+               'rewards/accuracies': (reward_w > reward_l).float(), 'rewards/margins': reward_w - reward_l,
+               'logps/chosen': x.chosen.detach(), 'logps/rejected': x.rejected.detach()}
+    if spec.mismatched:
+        metrics['kl'] = x.kto_z.expand(len(reward_w))
+    if x.reward_margins is not None:
+        metrics['rewards/rm_margins'] = x.reward_margins.mean(-1)  # the target, averaged over reward models
+    if spec.pessimism:
+        metrics['forward_kl'] = forward_kl(x).detach()
+    return metrics
 
 
 def all_reduce_sums(sums):
@@ -967,7 +995,8 @@ def evaluate(policy, ref, pairs, pad_id, cfg, rank, world, micro_size, device):
     n = min(len(pairs), cfg['eval_pairs']) // (world * micro_size) * world * micro_size
     if n == 0:
         return {}
-    kto_z = kto_baseline(policy, ref, pairs[:n], micro_size, pad_id, cfg, device) if cfg['loss'] == 'kto' else None
+    mismatched = LOSSES[cfg['loss']].mismatched
+    kto_z = kto_baseline(policy, ref, pairs[:n], micro_size, pad_id, cfg, device) if mismatched else None
     sums = {}
     with torch.no_grad():
         for start in range(rank * micro_size, n, world * micro_size):
@@ -991,56 +1020,57 @@ def note_evaluation(pairs, eval_pairs, global_micro):
         print(f'note: no evaluation ({why}); checkpoints are still saved every eval_interval steps')
 
 
-def stop_if_not_finite(loss, grad_norm, step):
+def stop_if_not_finite(loss, grad_norm, it):
     """Stops every rank at a step whose loss or gradient norm is NaN or infinite, before the optimizer writes such
     values into the weights and a checkpoint saves them."""
     values = torch.stack([loss.float(), grad_norm.float()])
     dist.all_reduce(values)  # a NaN or inf of any rank reaches every rank, so all stop together
     if not values.isfinite().all():
         loss, grad_norm = values.tolist()
-        raise SystemExit(f'error: iteration {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}; stopped before the '
+        raise SystemExit(f'error: iteration {it}: loss {loss:.4g}, gradient norm {grad_norm:.4g}; stopped before the '
                          'optimizer step, so the last checkpoint holds finite weights (lr too high?)')
 
 
-def train(cfg):
-    rank, world, device = setup_distributed(cfg['device'])
-    master = rank == 0
+def print0(*args):
+    """print on rank 0 only (through tqdm, so that a progress bar stays intact)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(' '.join(map(str, args)))
+
+
+def micro_batch_size(cfg, world):
+    """Pairs per micro-batch of each process: batch_size / (world_size · grad_accum), which must be whole."""
     micro_size, rest = divmod(cfg['batch_size'], world * cfg['grad_accum'])
     if rest or micro_size == 0:
         raise SystemExit(f"error: batch_size={cfg['batch_size']} must be a multiple of "
                          f"world_size*grad_accum={world * cfg['grad_accum']}")
-    lock = lock_out_dir(Path(cfg['out_dir'])) if master else None  # held until train() returns or the process ends
-    check_out_dir(cfg)
-    if master:
-        print(json.dumps(cfg, indent=2))
-    torch.manual_seed(cfg['seed'])
+    return micro_size
+
+
+def load_data(cfg, master):
+    """(tokenizer, train Pairs, held-out Pairs or None), with the responses and labels that the loss reads."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
     for key in ('init_from', 'ref_from'):
         if cfg[key]:  # ref_from='' is a copy of init_from
             check_model_path(cfg[key], key)
     tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
-    need_rejected, need_rewards = cfg['loss'] != 'sft', cfg['loss'] in REWARD_LABELLED
-    lengths = cfg['max_length'], cfg['max_prompt_length']
-    train_pairs = load_pairs(cfg['data'], 'train', tokenizer, *lengths, need_rejected, verbose=master,
-                             need_rewards=need_rewards)
-    eval_pairs = load_pairs(cfg['data'], 'test', tokenizer, *lengths, need_rejected, verbose=master, required=False,
-                            need_rewards=need_rewards)
-    pad_id = padding_id(tokenizer)
-    if master:
-        note_evaluation(eval_pairs, cfg['eval_pairs'], world * micro_size)
+    settings = dict(tokenizer=tokenizer, max_length=cfg['max_length'], max_prompt_length=cfg['max_prompt_length'],
+                    need_rejected=LOSSES[cfg['loss']].pairs, verbose=master, need_rewards=LOSSES[cfg['loss']].labels)
+    return tokenizer, load_pairs(cfg['data'], 'train', **settings), load_pairs(cfg['data'], 'test', required=False,
+                                                                              **settings)
 
-    # models: policy and reference with fp32 master weights. A bf16 reference would round small soft updates
-    # away (a change under half an ulp vanishes); fp32 costs 4 bytes per parameter per GPU, divided by the FSDP world.
+
+def load_models(cfg, device, world):
+    """(policy, reference or None, compute dtype), both with fp32 master weights. A bf16 reference would round small
+    soft updates away (a change under half an ulp vanishes); fp32 costs 4 bytes per parameter per GPU, divided by the
+    FSDP world."""
+    spec = LOSSES[cfg['loss']]
     compute_dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device.type == 'cuda' else 'float32')
     bf16 = compute_dtype == 'bfloat16'
     mesh = dist.device_mesh.init_device_mesh(device.type, (world,))
-    policy = load_model(cfg['init_from'], reward_model=cfg['loss'] == 'rm')
-    ref = None
-    if cfg['loss'] not in ('sft', 'rm'):
+    policy, ref = load_model(cfg['init_from'], reward_model=spec.rm), None
+    if spec.reference:
         ref = load_model(cfg['ref_from']) if cfg['ref_from'] else copy.deepcopy(policy)  # before any sharding
         ref.requires_grad_(False).eval()
         distribute_model(ref, mesh, bf16, reshard_root=True)  # root gathered only during its forward
@@ -1050,51 +1080,75 @@ def train(cfg):
     policy.train()
     if ref is not None and [p.shape for p in policy.parameters()] != [p.shape for p in ref.parameters()]:
         raise SystemExit('error: ref_from must have the same architecture as init_from (the update mixes them)')
-    n_params = sum(p.numel() for p in policy.parameters())
-    # fused: one kernel over all parameters, ~5x faster than the default per-tensor loop (SmolLM2 on a CPU: 0.08 s)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
+    return policy, ref, compute_dtype
 
-    out_dir = Path(cfg['out_dir'])
-    start_iter = load_checkpoint(out_dir, policy, ref, optimizer) if cfg['resume'] else 0
-    if master:
-        metrics_file = open_metrics(out_dir / 'metrics.jsonl', start_iter if cfg['resume'] else None)
-        print(f'{n_params / 1e6:.2f}M parameters, world size {world}, {micro_size} pairs per micro-batch, '
-              f'compute dtype {compute_dtype}, device {device}')
+
+def open_log(cfg, out_dir, resume_iter, master):
+    """log(record): a line of metrics.jsonl (and a wandb point) on rank 0; nothing on the other ranks."""
+    if not master:
+        return lambda record: None
+    path = out_dir / 'metrics.jsonl'
+    open_metrics(path, resume_iter).close()  # each record is appended in its own open: a kill loses no line
     wandb = None
-    if cfg['wandb_log'] and master:
+    if cfg['wandb_log']:
         import wandb
         wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg)
 
     def log(record):
-        if master:
-            metrics_file.write(json.dumps(record) + '\n')
-            metrics_file.flush()
-            if wandb is not None:
-                wandb.log(record, step=record['iter'])
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        if wandb is not None:
+            wandb.log(record, step=record['iter'])
+    return log
+
+
+def train(cfg):
+    rank, world, device = setup_distributed(cfg['device'])
+    master = rank == 0
+    micro_size = micro_batch_size(cfg, world)
+    out_dir = Path(cfg['out_dir'])
+    lock = lock_out_dir(out_dir) if master else None  # held until train() returns or the process ends
+    check_out_dir(cfg)
+    print0(json.dumps(cfg, indent=2))
+    torch.manual_seed(cfg['seed'])
+    tokenizer, train_pairs, eval_pairs = load_data(cfg, master)
+    pad_id = padding_id(tokenizer)
+    if master:
+        note_evaluation(eval_pairs, cfg['eval_pairs'], world * micro_size)
+    policy, ref, compute_dtype = load_models(cfg, device, world)
+    n_params = sum(p.numel() for p in policy.parameters())
+    # fused: one kernel over all parameters, ~5x faster than the default per-tensor loop (SmolLM2 on a CPU: 0.08 s)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
+    start_iter = load_checkpoint(out_dir, policy, ref, optimizer) if cfg['resume'] else 0
+    log = open_log(cfg, out_dir, start_iter if cfg['resume'] else None, master)
+    print0(f'{n_params / 1e6:.2f}M parameters, world size {world}, {micro_size} pairs per micro-batch, '
+           f'compute dtype {compute_dtype}, device {device}')
 
     def eval_and_save(it):
         record = {} if eval_pairs is None else evaluate(policy, ref, eval_pairs, pad_id, cfg, rank, world,
                                                          micro_size, device)
         if record:
             log({'iter': it, **record})
-            if master:
-                tqdm.write(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()))
+            print0(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()))
         save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
         if cfg['snapshots'] and master:  # the policy files only: a snapshot is for sampling, not for resuming
             shutil.copytree(out_dir, out_dir / f'iter_{it}', dirs_exist_ok=True,
                             ignore=lambda d, names: [n for n in names if n in ('state.pt', 'metrics.jsonl', '.lock')
                                                      or n.startswith(('iter_', '.tmp'))])
 
-    ref_updates = start_iter // cfg['tr_tau'] if cfg['ref_update'] != 'none' and ref is not None else 0
-    bar = tqdm(range(start_iter, cfg['max_iters']), initial=start_iter, total=cfg['max_iters'], disable=not master,
-               dynamic_ncols=True)
-    for it in bar:
+    spec = LOSSES[cfg['loss']]
+    moving_ref = ref is not None and cfg['ref_update'] != 'none'
+    ref_updates = start_iter // cfg['tr_tau'] if moving_ref else 0
+    bar = tqdm(range(start_iter + 1, cfg['max_iters'] + 1), initial=start_iter, total=cfg['max_iters'],
+               disable=not master, dynamic_ncols=True)
+    for it in bar:  # it: the iteration (optimizer step) being taken, from 1; 'iter' in metrics.jsonl
         t0 = time.time()
-        lr = cfg['lr'] * min(1.0, (it + 1) / (cfg['warmup_iters'] + 1))
+        lr = cfg['lr'] * min(1.0, it / (cfg['warmup_iters'] + 1))
         for group in optimizer.param_groups:
             group['lr'] = lr
-        step_pairs = [train_pairs[i] for i in step_pair_indices(len(train_pairs), it, cfg['batch_size'], cfg['seed'])]
-        kto_z = kto_baseline(policy, ref, step_pairs, micro_size, pad_id, cfg, device) if cfg['loss'] == 'kto' else None
+        step_pairs = [train_pairs[i] for i in step_pair_indices(len(train_pairs), it - 1, cfg['batch_size'],
+                                                                cfg['seed'])]
+        kto_z = kto_baseline(policy, ref, step_pairs, micro_size, pad_id, cfg, device) if spec.mismatched else None
         mine = step_pairs[rank::world]
         batches = [make_batch(mine[m * micro_size:(m + 1) * micro_size], cfg['loss'], pad_id, device)
                    for m in range(cfg['grad_accum'])]
@@ -1114,15 +1168,14 @@ def train(cfg):
                 sums[k] = sums.get(k, 0) + v
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg['grad_clip'] or float('inf'))
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-        stop_if_not_finite(sums['loss'], grad_norm, it + 1)
+        stop_if_not_finite(sums['loss'], grad_norm, it)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step = it + 1
-        if ref is not None and cfg['ref_update'] != 'none' and step % cfg['tr_tau'] == 0:
+        if moving_ref and it % cfg['tr_tau'] == 0:
             update_reference(policy, ref, 1.0 if cfg['ref_update'] == 'hard' else cfg['tr_alpha'])
             ref_updates += 1
-        if step % cfg['log_interval'] == 0 or step == cfg['max_iters']:
-            record = {'iter': step, **all_reduce_sums(sums)}
+        if it % cfg['log_interval'] == 0 or it == cfg['max_iters']:
+            record = {'iter': it, **all_reduce_sums(sums)}
             dt = time.time() - t0
             tokens = record.pop('tokens')
             record.update(lr=lr, grad_norm=grad_norm.item(), step_time=dt, tokens_per_sec=tokens / dt,
@@ -1132,10 +1185,9 @@ def train(cfg):
             log(record)
             bar.set_postfix({k.split('/')[-1]: f'{record[k]:.3f}' for k in ('loss', 'rewards/accuracies', 'accuracy',
                                                                            'rewards/margins', 'margin') if k in record})
-        if step % cfg['eval_interval'] == 0 or step == cfg['max_iters']:
-            eval_and_save(step)
+        if it % cfg['eval_interval'] == 0 or it == cfg['max_iters']:
+            eval_and_save(it)
     if master:
-        metrics_file.close()
         lock.close()
     dist.destroy_process_group()
 

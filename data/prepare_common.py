@@ -48,7 +48,7 @@ def expand(paths, suffixes):
     return files
 
 
-def read_rows(path):
+def read_raw_rows(path):
     """One raw file -> list of rows: .parquet, .json (a list of rows), otherwise JSON lines (gzipped if .gz)."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq

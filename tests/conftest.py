@@ -1,6 +1,8 @@
 """Shared fixtures for the train_tr.py tests: the tiny tokenizer shipped in data/tiny/base and a tiny random Llama.
 Everything is local: nothing is downloaded."""
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,3 +46,53 @@ def padded_logps(model, sequences, pad_id=1):
     logps = model(input_ids=input_ids).logits[:, :-1].float().log_softmax(-1)
     return torch.stack([logps[i, len(p) - 1:len(p) + len(r) - 1].gather(-1, torch.tensor(r)[:, None]).sum()
                         for i, (p, r) in enumerate(sequences)])
+
+
+def pair_loss(name, chosen, rejected=None, ref_chosen=None, ref_rejected=None, **settings):
+    """Per-pair losses of train_tr's loss `name` from given per-pair values: settings are Terms fields (chosen_tokens,
+    reward_margins, kto_z, ...) and config keys over the defaults, with pessimism_gamma 0 unless given."""
+    terms = {k: settings.pop(k) for k in list(settings) if k in train_tr.Terms._fields}
+    rho = (chosen - ref_chosen, rejected - ref_rejected) if ref_chosen is not None else (None, None)
+    cfg = {**train_tr.get_config([]), 'pessimism_gamma': 0.0, **settings}
+    return train_tr.LOSSES[name].fn(train_tr.Terms(chosen, rejected, *rho, **terms), cfg)
+
+
+# -----------------------------------------------------------------------------
+# end-to-end runs of train_tr.py in subprocesses (test_train.py and others)
+SMALL = ['--batch_size=4', '--max_iters=4', '--log_interval=1', '--eval_interval=1000', '--eval_pairs=8']
+# the rule-based fixture set: its chosen responses are learnably better (the toy's labels are noisy draws)
+TINY = ['--init_from=data/tiny/sft', '--data=data/tiny', '--lr=5e-4']
+
+
+def run(out_dir, *args, nproc=1, check=True):
+    """Runs train_tr.py and returns (completed process, metrics.jsonl records without the eval lines)."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                                    f'--nproc_per_node={nproc}']
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    proc = subprocess.run(launcher + ['train_tr.py', f'--out_dir={out_dir}', *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = Path(out_dir) / 'metrics.jsonl'
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return proc, [r for r in records if 'loss' in r]
+
+
+def final_state(out_dir):
+    return torch.load(Path(out_dir) / 'state.pt', map_location='cpu', weights_only=True)
+
+
+def assert_same_weights(a, b, atol=0.0):
+    # A tied lm_head may appear under its own name or only as the embedding, depending on the FSDP state.
+    assert set(a) ^ set(b) <= {'lm_head.weight'}
+    for k in set(a) & set(b):
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and two threads slow down badly when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

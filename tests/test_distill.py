@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from test_train import REPO, SMALL, TINY, assert_same_weights, final_state, run
+from conftest import REPO, SMALL, TINY, assert_same_weights, final_state, pair_loss, run
 
 import train_tr
-from train_tr import distillation_loss, load_pairs, reward_model_loss, step_pair_indices
+from train_tr import load_pairs, step_pair_indices
 
 
 def t(*values):
@@ -26,9 +26,9 @@ def close(actual, expected, tol=1e-12):
 def test_reward_model_loss_hand_values():
     """r_w − r_l = 2 − 1 = 1: −log σ(1) = log(1 + e^−1); r_w − r_l = −1 − 0.5 = −1.5: log(1 + e^1.5).
     Centring with c = 0.1 adds 0.1·(2 + 1)² = 0.9 and 0.1·(−1 + 0.5)² = 0.025."""
-    plain = reward_model_loss(t(2, -1), t(1, 0.5))
+    plain = pair_loss('rm', t(2, -1), t(1, 0.5))
     close(plain, [math.log(1 + math.exp(-1)), math.log(1 + math.exp(1.5))])
-    close(reward_model_loss(t(2, -1), t(1, 0.5), center_coef=0.1), [math.log(1 + math.exp(-1)) + 0.9,
+    close(pair_loss('rm', t(2, -1), t(1, 0.5), rm_center_coef=0.1), [math.log(1 + math.exp(-1)) + 0.9,
                                                                      math.log(1 + math.exp(1.5)) + 0.025])
 
 
@@ -41,37 +41,37 @@ MARGINS = t(3, 0.5, -1, -1.5).reshape(2, 2)  # pair 1: Δr = (3, 0.5); pair 2: �
 def test_distill_hand_values():
     """first: (1 − 3)² = 4, (−1.5 + 1)² = 0.25.
     mean: targets 1.75 and −1.25: (1 − 1.75)² = 0.5625, (−1.5 + 1.25)² = 0.0625."""
-    close(distillation_loss(*LOGPS, MARGINS, 'distill', beta=0.5), [4.0, 0.25])
-    close(distillation_loss(*LOGPS, MARGINS, 'distill', beta=0.5, distill_reduce='mean'), [0.5625, 0.0625])
+    close(pair_loss('distill', *LOGPS, reward_margins=MARGINS, beta=0.5), [4.0, 0.25])
+    close(pair_loss('distill', *LOGPS, reward_margins=MARGINS, beta=0.5, distill_reduce='mean'), [0.5625, 0.0625])
 
 
 def test_edistill_example_min_hand_values():
     """Pair 1: errors (1 − 3)² = 4 and (1 − 0.5)² = 0.25 → 0.25.
     Pair 2: (−1.5 + 1)² = 0.25 and (−1.5 + 1.5)² = 0 → 0."""
-    close(distillation_loss(*LOGPS, MARGINS, 'edistill', beta=0.5), [0.25, 0.0])
+    close(pair_loss('edistill', *LOGPS, reward_margins=MARGINS, beta=0.5), [0.25, 0.0])
 
 
 def test_edistill_batch_min_hand_values():
     """'batch': reward model 1 has errors (4, 0.25), sum 4.25; model 2 (0.25, 0), sum 0.25 → model 2 for every pair.
     With margins chosen so the per-example and batch minima differ: model 1 errors (0, 4), model 2 (1, 1)."""
     train_tr.setup_distributed('cpu')  # a world of one: the batch minimum sums errors over ranks
-    close(distillation_loss(*LOGPS, MARGINS, 'edistill', beta=0.5, edistill_min='batch'), [0.25, 0.0])
+    close(pair_loss('edistill', *LOGPS, reward_margins=MARGINS, beta=0.5, edistill_min='batch'), [0.25, 0.0])
     margins = t(1, 0, 0.5, -0.5).reshape(2, 2)  # m = (1, −1.5): model 1 errors (0, 4); model 2 (1, 1)
-    close(distillation_loss(*LOGPS, margins, 'edistill', beta=0.5, edistill_min='example'), [0.0, 1.0])
-    close(distillation_loss(*LOGPS, margins, 'edistill', beta=0.5, edistill_min='batch'), [1.0, 1.0])
+    close(pair_loss('edistill', *LOGPS, reward_margins=margins, beta=0.5, edistill_min='example'), [0.0, 1.0])
+    close(pair_loss('edistill', *LOGPS, reward_margins=margins, beta=0.5, edistill_min='batch'), [1.0, 1.0])
 
 
 def test_distill_gradient_hand_value():
     """d/dlogπ(y_w) of (m − Δr)² = 2(m − Δr)·β: pair 1, 2·(1 − 3)·0.5 = −2; pair 2, 2·(−1.5 + 1)·0.5 = −0.5."""
     policy_chosen = LOGPS[0].clone().requires_grad_()
-    distillation_loss(policy_chosen, *LOGPS[1:], MARGINS, 'distill', beta=0.5).sum().backward()
+    pair_loss('distill', policy_chosen, *LOGPS[1:], reward_margins=MARGINS, beta=0.5).sum().backward()
     close(policy_chosen.grad, [-2.0, -0.5])
 
 
 def test_edistill_one_model_equals_distill():
     margins = MARGINS[:, :1]
-    assert torch.equal(distillation_loss(*LOGPS, margins, 'edistill', beta=0.5),
-                       distillation_loss(*LOGPS, margins, 'distill', beta=0.5))
+    assert torch.equal(pair_loss('edistill', *LOGPS, reward_margins=margins, beta=0.5),
+                       pair_loss('distill', *LOGPS, reward_margins=margins, beta=0.5))
 
 
 def test_batch_loss_pessimism_term_hand_value(tiny_model, tokenizer):

@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 
 import judge
 from train_tr import load_model, read_rows, render_row, tokenize_pair
-from test_sample import one_thread  # noqa: F401 (autouse: one torch thread in these tests too)
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # one torch thread, as in test_sample.py
 
 REPO = Path(__file__).resolve().parents[1]
 SFT = str(REPO / 'data/tiny/sft')

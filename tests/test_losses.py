@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import train_tr
-from conftest import padded_logps, plain_logps
-from train_tr import preference_loss, update_reference
+from conftest import padded_logps, pair_loss, plain_logps
+from train_tr import update_reference
 
 
 def t(*values):
@@ -33,7 +33,7 @@ def test_dpo_hand_values():
     pair 1: policy (−1, −3), ref (−2, −2): ρw = 1, ρl = −1, z = β(ρw−ρl) = 0.5·2 = 1     loss = −log σ(1) = log(1+e^−1)
     pair 2: policy (−5, −4), ref (−4, −6): ρw = −1, ρl = 2, z = 0.5·(−3) = −1.5          loss = log(1+e^1.5)
     pair 3: policy (−7, −7), ref (−7, −7): z = 0                                          loss = log 2"""
-    loss = preference_loss(t(-1, -5, -7), t(-3, -4, -7), t(-2, -4, -7), t(-2, -6, -7), 'dpo', beta=0.5)
+    loss = pair_loss('dpo', t(-1, -5, -7), t(-3, -4, -7), t(-2, -4, -7), t(-2, -6, -7), beta=0.5)
     close(loss, [math.log(1 + math.exp(-1)), math.log(1 + math.exp(1.5)), math.log(2)])
     close(loss[0], 0.31326168751822286)  # log(1 + e^-1) written out
 
@@ -41,18 +41,18 @@ def test_dpo_hand_values():
 def test_dpo_label_smoothing_hand_value():
     """cDPO, ε = 0.2, z = 1 (pair 1 above): −(1−ε)·log σ(1) − ε·log σ(−1) = 0.8·log(1+e^−1) + 0.2·log(1+e^1);
     pair 2, z = −1.5: 0.8·log(1+e^1.5) + 0.2·log(1+e^−1.5)."""
-    loss = preference_loss(t(-1, -5), t(-3, -4), t(-2, -4), t(-2, -6), 'dpo', beta=0.5, label_smoothing=0.2)
+    loss = pair_loss('dpo', t(-1, -5), t(-3, -4), t(-2, -4), t(-2, -6), beta=0.5, label_smoothing=0.2)
     close(loss, [0.8 * math.log(1 + math.e ** -1) + 0.2 * math.log(1 + math.e),
                  0.8 * math.log(1 + math.exp(1.5)) + 0.2 * math.log(1 + math.exp(-1.5))])
 
 
 def test_dpo_label_smoothing_zero_is_plain_dpo():
     args = (t(-1, -5, -2.5), t(-3, -4, -9), t(-2, -4, -3), t(-2, -6, -8))
-    assert torch.equal(preference_loss(*args, 'dpo', beta=0.3, label_smoothing=0.0),
-                       preference_loss(*args, 'dpo', beta=0.3))
+    assert torch.equal(pair_loss('dpo', *args, beta=0.3, label_smoothing=0.0),
+                       pair_loss('dpo', *args, beta=0.3))
     # and ε changes it whenever z != 0
-    assert not torch.allclose(preference_loss(*args, 'dpo', beta=0.3, label_smoothing=0.1),
-                              preference_loss(*args, 'dpo', beta=0.3))
+    assert not torch.allclose(pair_loss('dpo', *args, beta=0.3, label_smoothing=0.1),
+                              pair_loss('dpo', *args, beta=0.3))
 
 
 @pytest.mark.parametrize('beta', [0.01, 0.1, 0.5, 3.0])
@@ -60,7 +60,8 @@ def test_dpo_label_smoothing_zero_is_plain_dpo():
 def test_dpo_is_ln2_when_policy_equals_reference(beta, label_smoothing):
     """ρw = ρl = 0 ⇒ z = 0 ⇒ −(1−ε)·log σ(0) − ε·log σ(0) = log 2 for every β and ε."""
     logps_w, logps_l = t(-3.5, -10.0), t(-7.25, -1.0)
-    loss = preference_loss(logps_w, logps_l, logps_w.clone(), logps_l.clone(), 'dpo', beta, label_smoothing)
+    loss = pair_loss('dpo', logps_w, logps_l, logps_w.clone(), logps_l.clone(), beta=beta,
+                     label_smoothing=label_smoothing)
     close(loss, [math.log(2)] * 2)
 
 
@@ -68,7 +69,7 @@ def test_dpo_gradient_signs_and_values():
     """d/dπw of −log σ(β(ρw−ρl)) = −β·(1 − σ(z)) < 0 and d/dπl = +β·(1 − σ(z)) > 0.
     Pair 1 above: β = 0.5, z = 1: ∓0.5·(1 − σ(1)) = ∓0.5·0.2689414213699951."""
     policy_chosen, policy_rejected = t(-1, -5).requires_grad_(), t(-3, -4).requires_grad_()
-    preference_loss(policy_chosen, policy_rejected, t(-2, -4), t(-2, -6), 'dpo', beta=0.5).sum().backward()
+    pair_loss('dpo', policy_chosen, policy_rejected, t(-2, -4), t(-2, -6), beta=0.5).sum().backward()
     assert (policy_chosen.grad < 0).all() and (policy_rejected.grad > 0).all()
     close(policy_chosen.grad, [-0.5 * (1 - sigmoid(1)), -0.5 * (1 - sigmoid(-1.5))])
     close(policy_rejected.grad, [0.5 * (1 - sigmoid(1)), 0.5 * (1 - sigmoid(-1.5))])
@@ -81,15 +82,15 @@ def test_ipo_normalized_hand_value():
     """β = 0.25, so 1/(2β) = 2.
     policy (−4, −9), ref (−6, −6): ρw = 2 over 4 tokens → 0.5; ρl = −3 over 3 tokens → −1; h = 1.5.
     loss = (1.5 − 2)² = 0.25."""
-    loss = preference_loss(t(-4), t(-9), t(-6), t(-6), 'ipo', beta=0.25, chosen_tokens=t(4), rejected_tokens=t(3),
-                           ipo_normalize=True)
+    loss = pair_loss('ipo', t(-4), t(-9), t(-6), t(-6), beta=0.25, chosen_tokens=t(4), rejected_tokens=t(3),
+                     ipo_normalize=True)
     close(loss, [0.25])
 
 
 def test_ipo_summed_hand_value():
     """Same pair, summed log-ratios: h = 2 − (−3) = 5, loss = (5 − 2)² = 9 (token counts ignored)."""
-    loss = preference_loss(t(-4), t(-9), t(-6), t(-6), 'ipo', beta=0.25, chosen_tokens=t(4), rejected_tokens=t(3),
-                           ipo_normalize=False)
+    loss = pair_loss('ipo', t(-4), t(-9), t(-6), t(-6), beta=0.25, chosen_tokens=t(4), rejected_tokens=t(3),
+                     ipo_normalize=False)
     close(loss, [9.0])
 
 
@@ -98,8 +99,8 @@ def test_ipo_summed_hand_value():
 def test_ipo_is_one_over_four_beta_squared_when_policy_equals_reference(beta, ipo_normalize):
     """h = 0 ⇒ (0 − 1/(2β))² = 1/(4β²): 25 for β = 0.1, 4 for β = 0.25, 1/16 for β = 2."""
     logps_w, logps_l = t(-3.0, -12.0), t(-8.0, -2.5)
-    loss = preference_loss(logps_w, logps_l, logps_w.clone(), logps_l.clone(), 'ipo', beta,
-                           chosen_tokens=t(3, 7), rejected_tokens=t(5, 2), ipo_normalize=ipo_normalize)
+    loss = pair_loss('ipo', logps_w, logps_l, logps_w.clone(), logps_l.clone(), beta=beta,
+                     chosen_tokens=t(3, 7), rejected_tokens=t(5, 2), ipo_normalize=ipo_normalize)
     close(loss, [1 / (4 * beta ** 2)] * 2, tol=1e-9)
     close(1 / (4 * beta ** 2), {0.1: 25.0, 0.25: 4.0, 2.0: 0.0625}[beta], tol=1e-9)
 
@@ -113,8 +114,8 @@ def test_kto_hand_value():
     loss = (desirable + undesirable)/2"""
     expected = ((1 - sigmoid(0.35)) + 1.5 * (1 - sigmoid(0.65))) / 2
     for z in (0.3, torch.tensor(0.3, dtype=torch.float64)):
-        loss = preference_loss(t(-1), t(-3), t(-2), t(-2), 'kto', beta=0.5, kto_z=z, kto_desirable_weight=1.0,
-                               kto_undesirable_weight=1.5)
+        loss = pair_loss('kto', t(-1), t(-3), t(-2), t(-2), beta=0.5, kto_z=z, kto_desirable_weight=1.0,
+                         kto_undesirable_weight=1.5)
         close(loss, [expected])
     # σ(0.35) = 0.5866176, σ(0.65) = 0.6570105: (0.4133824 + 1.5·0.3429895)/2 = (0.4133824 + 0.5144843)/2
     close(expected, 0.4639334, tol=1e-7)
@@ -123,14 +124,14 @@ def test_kto_hand_value():
 def test_kto_at_reference_with_zero_baseline():
     """ρw = ρl = z = 0 ⇒ each term is λ·(1 − σ(0)) = λ/2 ⇒ loss = (λ_D + λ_U)/4 = (1.0 + 1.5)/4 = 0.625."""
     logps_w, logps_l = t(-4.0, -1.5), t(-6.0, -2.0)
-    loss = preference_loss(logps_w, logps_l, logps_w.clone(), logps_l.clone(), 'kto', beta=0.1, kto_z=0.0,
-                           kto_desirable_weight=1.0, kto_undesirable_weight=1.5)
+    loss = pair_loss('kto', logps_w, logps_l, logps_w.clone(), logps_l.clone(), beta=0.1, kto_z=0.0,
+                     kto_desirable_weight=1.0, kto_undesirable_weight=1.5)
     close(loss, [0.625, 0.625])
 
 
 def test_unknown_loss_raises():
-    with pytest.raises(ValueError, match='simpo'):
-        preference_loss(t(-1), t(-2), t(-1), t(-2), 'simpo')
+    with pytest.raises(SystemExit, match='simpo'):
+        train_tr.get_config(['--loss=simpo'])
 
 
 # -----------------------------------------------------------------------------

@@ -21,13 +21,8 @@ SFT, BASE = str(REPO / 'data/tiny/sft'), str(REPO / 'data/tiny/base')
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and two threads slow down badly when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 
 def run_sample(out, **overrides):
     """sample.sample() in this process (a 1-rank gloo group, closed afterwards); returns the rows written."""

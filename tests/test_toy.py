@@ -10,13 +10,14 @@ import pytest
 from safetensors.torch import load_file
 
 import judge
-from test_sample import one_thread  # noqa: F401 (autouse: one torch thread in these tests too)
-from test_train import SMALL, run
+from conftest import SMALL, run
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'data/toy'))
 from prepare import (CATEGORIES, COUNTS, PHRASINGS, PROMPT, gold_reward, in_support, items_of,  # noqa: E402
                      parse_prompt, proxy_reward)
+
+pytestmark = pytest.mark.usefixtures('one_thread')  # one torch thread, as in test_sample.py
 
 FRUITS = PROMPT.format(request='Name three fruits.')
 

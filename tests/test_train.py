@@ -10,37 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ['--batch_size=4', '--max_iters=4', '--log_interval=1', '--eval_interval=1000', '--eval_pairs=8']
-# the rule-based fixture set: its chosen responses are learnably better (the toy's labels are noisy draws)
-TINY = ['--init_from=data/tiny/sft', '--data=data/tiny', '--lr=5e-4']
-
-
-def run(out_dir, *args, nproc=1, check=True):
-    """Runs train_tr.py and returns (completed process, metrics.jsonl records without the eval lines)."""
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                                    f'--nproc_per_node={nproc}']
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
-    proc = subprocess.run(launcher + ['train_tr.py', f'--out_dir={out_dir}', *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = Path(out_dir) / 'metrics.jsonl'
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    return proc, [r for r in records if 'loss' in r]
-
-
-def final_state(out_dir):
-    return torch.load(Path(out_dir) / 'state.pt', map_location='cpu', weights_only=True)
-
-
-def assert_same_weights(a, b, atol=0.0):
-    # A tied lm_head may appear under its own name or only as the embedding, depending on the FSDP state.
-    assert set(a) ^ set(b) <= {'lm_head.weight'}
-    for k in set(a) & set(b):
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+from conftest import REPO, SMALL, TINY, assert_same_weights, final_state, run
 
 
 def test_dpo_starts_at_ln2_and_learns(tmp_path):

@@ -34,7 +34,7 @@ import sys
 # prepare_common.py sits in data/, which is no package: put data/ on the path so this runs from any working directory
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prepare_common  # noqa: E402
-from prepare_common import expand, read_rows, summary, write_splits  # noqa: E402,F401  (summary: for the tests)
+from prepare_common import expand, read_raw_rows, summary, write_splits  # noqa: E402,F401  (summary: for the tests)
 
 SEARCH = "\n\nAssistant:"
 
@@ -90,7 +90,7 @@ def load_splits(raw, data_dir):
     if raw:
         splits = {}
         for path in expand(raw, (".jsonl", ".jsonl.gz")):
-            splits.setdefault(split_of(path), []).extend(read_rows(path))
+            splits.setdefault(split_of(path), []).extend(read_raw_rows(path))
         return splits
     from datasets import load_dataset
     ds = load_dataset("Anthropic/hh-rlhf", data_dir=data_dir)

@@ -1,10 +1,9 @@
 """
-Build the tiny, shipped material for nanoTR's default CPU run.
+Build data/tiny, the rule-based fixture of the tests (the default run uses data/toy).
 
-Why: `python train_tr.py` with no arguments must train TR-DPO on a laptop CPU
-in about two minutes, offline. That needs a small preference data set and a
-tiny base model + tokenizer that live in the repo. This script makes all of
-them, deterministically (same seed -> byte-identical files):
+Why: the tests need, offline and in seconds, preference pairs with a clear rule
+and a tiny base model + tokenizer that live in the repo. This script makes all
+of them, deterministically (same seed -> byte-identical files):
 
   data/tiny/train.jsonl, data/tiny/test.jsonl
       preference rows {"prompt", "chosen", "rejected"} in Anthropic-HH text
@@ -164,7 +163,7 @@ def check_base(base_dir, rows):
 
 
 README = """\
-# data/tiny: shipped data and base model for the default CPU run of `python train_tr.py`
+# data/tiny: the tests' rule-based preference pairs, tokenizer and tiny models
 Synthetic assistant preference pairs in Anthropic-HH text format (train.jsonl {n_train} rows, test.jsonl {n_test} rows): small arithmetic, sorting 3-4 words, polite help requests and repeating a word N times, some multi-turn.
 The rule: the chosen response is correct and polite; the rejected one has a wrong sum, a wrong word order, a wrong count, or is rude.
 `base/` is a byte-level BPE tokenizer (vocab 512, HH chat template) plus a randomly initialised 2-layer Llama (~140k parameters); regenerate everything byte-identically with `python data/tiny/prepare.py`.

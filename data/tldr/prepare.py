@@ -30,7 +30,7 @@ import sys
 # prepare_common.py sits in data/, which is no package: put data/ on the path so this runs from any working directory
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prepare_common  # noqa: E402
-from prepare_common import expand, read_rows, write_splits  # noqa: E402
+from prepare_common import expand, read_raw_rows, write_splits  # noqa: E402
 
 
 def tldr_to_canonical(row, reddit_only=True):
@@ -64,7 +64,7 @@ def load_splits(raw, name):
     if raw:
         splits = {}
         for path in expand(raw, (".jsonl", ".json", ".parquet")):
-            splits.setdefault(split_of(path), []).extend(read_rows(path))
+            splits.setdefault(split_of(path), []).extend(read_raw_rows(path))
         return splits
     from datasets import load_dataset
     ds = load_dataset(name)
