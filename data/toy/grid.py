@@ -163,8 +163,7 @@ def pair_logps(model, pairs, pad_id):
     with torch.no_grad():
         for start in range(0, len(pairs), 64):
             logps, lengths = train_tr.sequence_logps(model, train_tr.make_batch(pairs[start:start + 64], 'dpo', pad_id))
-            n = len(lengths) // 2
-            rows.append(torch.stack([logps[:n], logps[n:], lengths[:n].float(), lengths[n:].float()], 1))
+            rows.append(torch.stack([*train_tr.chosen_rejected(logps), *train_tr.chosen_rejected(lengths.float())], 1))
     return torch.cat(rows)
 
 
