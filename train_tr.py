@@ -214,9 +214,10 @@ def check_config(cfg):
     need(cfg['distill_reduce'] in ('first', 'mean'), 'distill_reduce must be first or mean')
     need(cfg['edistill_min'] in ('example', 'batch'), 'edistill_min must be example or batch')
     need(cfg['pessimism_gamma'] >= 0 and cfg['rm_center_coef'] >= 0, 'pessimism_gamma and rm_center_coef must be >= 0')
-    need(not LOSSES[cfg['loss']].mismatched or cfg['batch_size'] >= 2, f"{cfg['loss']} needs batch_size >= 2 (its "
-         'mismatched pairs)')
-    need(cfg['kto_desirable_weight'] >= 0 and cfg['kto_undesirable_weight'] >= 0, 'kto_desirable_weight and kto_undesirable_weight must be >= 0')
+    need(not LOSSES[cfg['loss']].mismatched or cfg['batch_size'] >= 2,
+         'kto needs batch_size >= 2 (its mismatched pairs)')
+    need(cfg['kto_desirable_weight'] >= 0 and cfg['kto_undesirable_weight'] >= 0,
+         'kto_desirable_weight and kto_undesirable_weight must be >= 0')
     # a negative clip flips the gradient, a negative warm-up gives a negative (or at -1 an undefined) learning rate
     need(cfg['grad_clip'] >= 0, 'grad_clip must be >= 0 (0 disables clipping)')
     need(cfg['warmup_iters'] >= 0, 'warmup_iters must be >= 0')
@@ -591,8 +592,8 @@ def layout(rows, pad_id, device='cpu'):
 def make_batch(pairs, loss_name, pad_id, device='cpu'):
     """One micro-batch of Pairs: a row per pair, [prompt, chosen, rejected] (sft: [prompt, chosen]), and for
     labelled pairs their reward margins [n, k]."""
-    batch = layout([(p.prompt, [p.chosen, p.rejected] if LOSSES[loss_name].pairs else [p.chosen]) for p in pairs], pad_id,
-                   device)
+    with_rejected = LOSSES[loss_name].pairs
+    batch = layout([(p.prompt, [p.chosen, p.rejected] if with_rejected else [p.chosen]) for p in pairs], pad_id, device)
     if pairs[0].reward_margins is not None:
         batch['reward_margins'] = torch.tensor([p.reward_margins for p in pairs], device=device)
     return batch
