@@ -26,7 +26,6 @@ are still written.
 """
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -40,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 import train_tr  # noqa: E402  (importing it has no side effects)
-from prepare import gold_reward, in_support, items_of, parse_prompt, write_jsonl  # noqa: E402
+from prepare import bradley_terry, gold_reward, in_support, items_of, parse_prompt, write_jsonl  # noqa: E402
 
 SFT, DATA = 'data/toy/sft', 'data/toy'
 SEEDS = (1, 2, 3)
@@ -109,8 +108,7 @@ def run_dir(out, args, seed):
 
 def gold_label(prompt, y1, y2, rng):
     """(chosen, rejected) drawn from Bradley–Terry on r*: P(y1 ≻ y2) = σ(r*(y1) − r*(y2))."""
-    margin = gold_reward(prompt, y1) - gold_reward(prompt, y2)
-    return (y1, y2) if rng.random() < 1 / (1 + math.exp(-margin)) else (y2, y1)
+    return bradley_terry(y1, y2, gold_reward(prompt, y1) - gold_reward(prompt, y2), rng)
 
 
 def pair_row(prompt, chosen, rejected):
@@ -120,7 +118,7 @@ def pair_row(prompt, chosen, rejected):
 
 def length_biased_sets(out, rhos, n_pairs, seed=0):
     """out/rho_<ρ>/{train,test}.jsonl: n_pairs training pairs of which a fraction ρ prefers the longer list. The 2,014
-    shipped pairs hold too few that r* labels longer-preferred for ρ = 0.8 (411 of them), so pairs are drawn from all
+    shipped pairs hold too few that r* labels longer-preferred for ρ = 0.8 (413 of them), so pairs are drawn from all
     pairs of distinct SFT samples of a prompt with different list lengths; the test pairs are the shipped ones,
     relabelled. Returns the fraction of the relabelled shipped pairs (of different lengths) that prefer the longer."""
     rng = random.Random(seed)

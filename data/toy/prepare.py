@@ -103,6 +103,11 @@ def proxy_reward(prompt, response, length_bias):
     return gold_reward(prompt, response) + length_bias * len(items_of(response))
 
 
+def bradley_terry(y1, y2, margin, rng):
+    """(chosen, rejected), drawn once: y1 wins with probability σ(margin), the Bradley–Terry model."""
+    return (y1, y2) if rng.random() < 1 / (1 + math.exp(-margin)) else (y2, y1)
+
+
 def demo(rng, words, k):
     """One SFT demonstration: k−2 … k+2 items, mostly distinct on-topic words, some off-topic or repeated."""
     others = [w for ws in CATEGORIES.values() if ws is not words for w in ws]
@@ -169,8 +174,7 @@ def main():
                 dropped += 1
                 continue
             margin = proxy_reward(prompt, y1, args.length_bias) - proxy_reward(prompt, y2, args.length_bias)
-            if rng.random() >= 1 / (1 + math.exp(-margin)):
-                y1, y2 = y2, y1
+            y1, y2 = bradley_terry(y1, y2, margin, rng)
             rows.append(dict(prompt=prompt, chosen=y1, rejected=y2, gold_chosen=gold_reward(prompt, y1),
                              gold_rejected=gold_reward(prompt, y2)))
         write_jsonl(rows, out / f'{split}.jsonl')
