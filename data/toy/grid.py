@@ -430,10 +430,10 @@ def main():
                      for path, seed in zip(tr_runs[key], seeds)})
     for rho in rhos:
         for name, method_args in distillation_grid(args.quick).items():
-            data = str(out / f'rho_{rho}' / ('labels' if '--data=LABELS' in method_args else ''))
+            data = out / f'rho_{rho}' / 'labels' if '--data=LABELS' in method_args else out / f'rho_{rho}'
             method_args = [a for a in method_args if a != '--data=LABELS']
             distill_runs[rho, name] = [run_dir(out / f'rho_{rho}', method_args, seed) for seed in seeds]
-            jobs.update({path: dict(args=[*TOY, *distill_steps, f'--data={data.rstrip("/")}', *method_args], seed=seed)
+            jobs.update({path: dict(args=[*TOY, *distill_steps, f'--data={data}', *method_args], seed=seed)
                          for path, seed in zip(distill_runs[rho, name], seeds)})
     run_jobs(jobs, args.jobs)
 
