@@ -50,8 +50,9 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from sample import drop_partial_line, generate
-from train_tr import check_model_path, end_of_turn, jsonl_lines, layout, load_model, padding_id, parse_overrides, \
-    read_jsonl, read_rows, read_text, render_row, resolve_device, sequence_rewards, tokenize_pair, tokenize_prompt
+from data.pairs import end_of_turn, jsonl_lines, layout, padding_id, read_jsonl, read_rows, read_text, render_row, \
+    tokenize_pair, tokenize_prompt
+from train_tr import check_model_path, load_model, parse_overrides, resolve_device, sequence_rewards
 
 defaults = dict(
     mode='pairwise',        # pairwise | criteria | reward | gold | label

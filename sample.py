@@ -31,8 +31,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from train_tr import check_model_path, layout, load_model, load_pairs, padding_id, parse_overrides, read_jsonl, \
-    sequence_logps, setup_distributed
+from data.pairs import layout, load_pairs, padding_id, read_jsonl
+from train_tr import check_model_path, load_model, parse_overrides, sequence_logps, setup_distributed
 
 defaults = dict(
     init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name

@@ -28,6 +28,7 @@ def naive_logps(model, prompts, chosen, rejected):
 
 def measure(variant):
     import train_tr
+    from data import pairs as data_pairs
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     model = train_tr.with_response_outputs(LlamaForCausalLM(LlamaConfig(
@@ -37,7 +38,7 @@ def measure(variant):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.time()
     if variant == 'shared':
-        batch = train_tr.layout([(p, [c, r]) for p, c, r in zip(prompts, chosen, rejected)], pad_id=0)
+        batch = data_pairs.layout([(p, [c, r]) for p, c, r in zip(prompts, chosen, rejected)], pad_id=0)
         logps = train_tr.sequence_logps(model, batch)[0]
     else:
         logps = naive_logps(model, prompts, chosen, rejected)

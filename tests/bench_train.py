@@ -65,17 +65,17 @@ def write_rows(model, folder, hh):
     else:
         from transformers import AutoTokenizer
 
-        import train_tr
+        from data import pairs as data_pairs
         if not Path(hh).exists():
             raise SystemExit(f'error: {hh} not found; give --hh= an Anthropic HH jsonl file (raw format)')
         subprocess.run([sys.executable, str(REPO / 'data/hh/prepare.py'), f'--raw={hh}', '--messages',
                         f'--out_dir={folder}'], check=True, capture_output=True)
         tokenizer = AutoTokenizer.from_pretrained(spec['init_from'])
-        turn_end = train_tr.end_of_turn(tokenizer)
+        turn_end = data_pairs.end_of_turn(tokenizer)
         rows = []
         for line in (Path(folder) / 'test.jsonl').read_text().splitlines():
             row = json.loads(line)
-            prompt, *responses = train_tr.encode_row(row, tokenizer, 10 ** 9, 10 ** 9, turn_end=turn_end)[1]
+            prompt, *responses = data_pairs.encode_row(row, tokenizer, 10 ** 9, 10 ** 9, turn_end=turn_end)[1]
             if len(prompt) + max(map(len, responses)) <= spec['max_length']:
                 rows.append(row)
         if len(rows) < n:
@@ -91,11 +91,11 @@ def tokens_per_pair(model, path, trainer):
     the prompt once per response (TRL's)."""
     from transformers import AutoTokenizer
 
-    import train_tr
+    from data import pairs as data_pairs
     spec = MODELS[model]
     tokenizer = AutoTokenizer.from_pretrained(spec['init_from'])
-    pairs = train_tr.load_pairs(str(path), 'train', tokenizer, spec['max_length'], spec['max_length'] - 1,
-                                verbose=False)
+    pairs = data_pairs.load_pairs(str(path), 'train', tokenizer, spec['max_length'], spec['max_length'] - 1,
+                                  verbose=False)
     prompts = 1 if trainer == 'nanotr' else 2
     return sum(prompts * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs) / len(pairs)
 

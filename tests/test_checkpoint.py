@@ -1,6 +1,7 @@
 """save_checkpoint is atomic file by file: an interrupted or failed save leaves the previous checkpoint loadable; the
 rules of out_dir (one run at a time, resume only under the saved settings) and of a step that is not finite."""
 import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -110,6 +111,8 @@ def test_one_run_per_out_dir(tmp_path):
 def test_resume_needs_the_saved_settings(tmp_path):
     cfg = train_tr.get_config([f'--out_dir={tmp_path}'])
     torch.save({'config': cfg, 'iter': 5}, tmp_path / 'state.pt')
+    manifest = {'sha256': {'state.pt': train_tr.sha256(tmp_path / 'state.pt')}}  # what save_checkpoint writes last
+    (tmp_path / 'checkpoint.json').write_text(json.dumps(manifest))
     allowed = ['--max_iters=900', '--eval_interval=7', '--log_interval=1', '--eval_pairs=0', '--snapshots=True',
                '--device=cpu', '--dtype=float32', '--grad_accum=2', '--wandb_run_name=x', '--grad_checkpoint=True']
     train_tr.check_out_dir(train_tr.get_config([f'--out_dir={tmp_path}', '--resume=True', *allowed]))

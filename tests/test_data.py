@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import train_tr
+from data import pairs as data_pairs
 from conftest import plain_logps
-from train_tr import get_config, load_pairs, make_batch, read_rows, render_row, step_pair_indices, tokenize_pair
+from data.pairs import load_pairs, make_batch, read_rows, render_row, step_pair_indices, tokenize_pair
+from train_tr import get_config
 
 PAD, EOS = 1, 0  # data/tiny/base: <|pad|> = 1, <|endoftext|> = 0 (also BOS, which this tokenizer does not add)
 
@@ -406,7 +408,7 @@ def test_lone_surrogates_are_bad_rows(tmp_path, tokenizer, capsys, good_pairs):
     pairs = load_pairs(str(path), 'train', tokenizer, 128, 64)
     assert token_lists(pairs) == good_pairs
     assert capsys.readouterr().out.strip() == f'{path}: 3 pairs (skipped 3 rows: 3 invalid Unicode)'
-    assert make_batch(pairs, 'dpo', PAD)['input_ids'].shape[0] == 3  # tokenized at load time, all of them
+    assert make_batch(pairs, True, PAD)['input_ids'].shape[0] == 3  # tokenized at load time, all of them
 
 
 def test_messages_without_a_chat_template_are_bad_rows(tokenizer, monkeypatch):
@@ -525,16 +527,16 @@ def chatml(tokenizer):
 
 
 def test_end_of_turn(tokenizer, chatml):
-    assert train_tr.end_of_turn(tokenizer) == ''  # the HH template ends a turn with nothing
-    assert train_tr.end_of_turn(chatml) == '<|im_end|>\n'
+    assert data_pairs.end_of_turn(tokenizer) == ''  # the HH template ends a turn with nothing
+    assert data_pairs.end_of_turn(chatml) == '<|im_end|>\n'
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = None
-    assert train_tr.end_of_turn(plain) == ''
+    assert data_pairs.end_of_turn(plain) == ''
 
 
 def test_eos_after_plain_text_once(tokenizer):
-    assert train_tr.tokenize_response(tokenizer, ' Hello') == ids(tokenizer, ' Hello') + [EOS]
-    ending_with_eos = train_tr.tokenize_response(tokenizer, ' Hello<|endoftext|>')
+    assert data_pairs.tokenize_response(tokenizer, ' Hello') == ids(tokenizer, ' Hello') + [EOS]
+    ending_with_eos = data_pairs.tokenize_response(tokenizer, ' Hello<|endoftext|>')
     assert ending_with_eos == ids(tokenizer, ' Hello') + [EOS]  # the text's own EOS, not doubled
 
 
@@ -544,13 +546,13 @@ def test_no_eos_after_the_template_end_of_turn(chatml):
            'rejected': [{'role': 'assistant', 'content': 'Bye'}]}
     prompt_text, chosen, rejected = render_row(row, chatml)
     assert chosen == 'Hello<|im_end|>\n'
-    text, (prompt_ids, chosen_ids, rejected_ids) = train_tr.encode_row(row, chatml, 128, 64,
-                                                                       turn_end=train_tr.end_of_turn(chatml))
+    text, (prompt_ids, chosen_ids, rejected_ids) = data_pairs.encode_row(row, chatml, 128, 64,
+                                                                       turn_end=data_pairs.end_of_turn(chatml))
     full = chatml.apply_chat_template(row['prompt'] + row['chosen'], tokenize=False)
     assert text == prompt_text and prompt_ids + chosen_ids == chatml(full).input_ids
     assert chosen_ids == ids(chatml, 'Hello<|im_end|>\n') and EOS not in chosen_ids + rejected_ids
     # the same text as a plain string row ends with the end of turn too: no EOS after it either
-    assert train_tr.tokenize_response(chatml, 'Hello<|im_end|>\n', '<|im_end|>\n') == ids(chatml, 'Hello<|im_end|>\n')
+    assert data_pairs.tokenize_response(chatml, 'Hello<|im_end|>\n', '<|im_end|>\n') == ids(chatml, 'Hello<|im_end|>\n')
 
 
 # -----------------------------------------------------------------------------
@@ -561,9 +563,9 @@ def turns(*texts):
 
 def test_without_oldest_exchange():
     system = [{'role': 'system', 'content': 'S'}]
-    assert train_tr.without_oldest_exchange(system + turns('u1', 'a1', 'u2', 'a2', 'u3')) == system + turns('u2', 'a2', 'u3')
-    assert train_tr.without_oldest_exchange(turns('u1', 'a1', 'u2')) == [{'role': 'user', 'content': 'u2'}]
-    assert train_tr.without_oldest_exchange(system + turns('u1')) is None
+    assert data_pairs.without_oldest_exchange(system + turns('u1', 'a1', 'u2', 'a2', 'u3')) == system + turns('u2', 'a2', 'u3')
+    assert data_pairs.without_oldest_exchange(turns('u1', 'a1', 'u2')) == [{'role': 'user', 'content': 'u2'}]
+    assert data_pairs.without_oldest_exchange(system + turns('u1')) is None
 
 
 def test_long_chat_prompt_drops_oldest_turns(chatml):
@@ -579,16 +581,16 @@ def test_long_chat_prompt_drops_oldest_turns(chatml):
     kept = system + turns(f'second {long}', f'reply {long}', 'third?')
     kept_ids = chatml(chatml.apply_chat_template(kept, tokenize=False, add_generation_prompt=True)).input_ids
     assert (len(kept_ids), everything) == (146, 216)
-    text, (prompt_ids, chosen_ids, _) = train_tr.encode_row(row, chatml, 180, 160, turn_end='<|im_end|>\n')
+    text, (prompt_ids, chosen_ids, _) = data_pairs.encode_row(row, chatml, 180, 160, turn_end='<|im_end|>\n')
     assert prompt_ids == kept_ids and text.startswith('<|im_start|>system\nBe brief.') and 'first' not in text
     assert chosen_ids == ids(chatml, 'Yes.<|im_end|>\n')
     # a pair that fits max_length keeps its whole prompt, however long (as for text prompts)
-    assert train_tr.encode_row(row, chatml, 1000, 160, turn_end='<|im_end|>\n')[1][0] == chatml(
+    assert data_pairs.encode_row(row, chatml, 1000, 160, turn_end='<|im_end|>\n')[1][0] == chatml(
         chatml.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)).input_ids
     # a single user turn (64 tokens) over max_prompt_length is cut like text: it keeps its last tokens
     alone = {**row, 'prompt': turns(f'only {long} {long} {long}')}
     full = chatml(chatml.apply_chat_template(alone['prompt'], tokenize=False, add_generation_prompt=True)).input_ids
-    assert len(full) == 64 and train_tr.encode_row(alone, chatml, 60, 40, turn_end='<|im_end|>\n')[1][0] == full[-40:]
+    assert len(full) == 64 and data_pairs.encode_row(alone, chatml, 60, 40, turn_end='<|im_end|>\n')[1][0] == full[-40:]
 
 
 # -----------------------------------------------------------------------------
@@ -599,17 +601,17 @@ PAIRS = [('\n\nHuman: Say box two times.\n\nAssistant:', ' box box', ' box box b
 
 
 def tokenized(tokenizer, texts):
-    return [train_tr.Pair(*(torch.tensor(x, dtype=torch.int32) for x in tokenize_pair(tokenizer, *t, 128, 64)))
+    return [data_pairs.Pair(*(torch.tensor(x, dtype=torch.int32) for x in tokenize_pair(tokenizer, *t, 128, 64)))
             for t in texts]
 
 
 def test_make_batch_dpo_layout(tokenizer):
     """One row per pair: prompt, chosen + EOS, rejected + EOS, right-padded; labels are the chosen responses of every
     row, then the rejected ones."""
-    batch = make_batch(tokenized(tokenizer, PAIRS), 'dpo', PAD)
+    batch = make_batch(tokenized(tokenizer, PAIRS), True, PAD)
     rows = [(ids(tokenizer, p), ids(tokenizer, c) + [EOS], ids(tokenizer, r) + [EOS]) for p, c, r in PAIRS]
-    width = 64  # the longest row, 36 tokens, padded to a multiple of train_tr.PAD_MULTIPLE
-    assert max(len(p + c + r) for p, c, r in rows) == 36 and train_tr.PAD_MULTIPLE == 32
+    width = 64  # the longest row, 36 tokens, padded to a multiple of data_pairs.PAD_MULTIPLE
+    assert max(len(p + c + r) for p, c, r in rows) == 36 and data_pairs.PAD_MULTIPLE == 32
     assert batch['input_ids'].tolist() == [p + c + r + [PAD] * (width - len(p + c + r)) for p, c, r in rows]
     assert batch['labels'].tolist() == sum([c for _, c, _ in rows] + [r for _, _, r in rows], [])
     assert batch['lengths'].tolist() == [len(c) for _, c, _ in rows] + [len(r) for _, _, r in rows]
@@ -620,7 +622,7 @@ def test_make_batch_dpo_layout(tokenizer):
 def test_make_batch_sft_has_chosen_only(tokenizer):
     expected = [ids(tokenizer, p) + ids(tokenizer, c) + [EOS] for p, c, _ in PAIRS]
     for pairs in (tokenized(tokenizer, [(p, c, None) for p, c, _ in PAIRS]), tokenized(tokenizer, PAIRS)):
-        batch = make_batch(pairs, 'sft', PAD)  # with rejected responses present, sft still ignores them
+        batch = make_batch(pairs, False, PAD)  # with rejected responses present, sft (with_rejected=False) ignores them
         assert [row[:len(e)] for row, e in zip(batch['input_ids'].tolist(), expected)] == expected
         assert batch['lengths'].tolist() == [len(ids(tokenizer, c)) + 1 for _, c, _ in PAIRS]
 

@@ -10,6 +10,7 @@ import torch
 from conftest import REPO, SMALL, TINY, assert_same_weights, final_state, pair_loss, run
 
 import train_tr
+from data import pairs as data_pairs
 from train_tr import load_pairs, step_pair_indices
 
 
@@ -79,7 +80,7 @@ def test_batch_loss_pessimism_term_hand_value(tiny_model, tokenizer):
     is γ·KL with KL = −(ρ_w + ρ_l)/2, checked against sequence_logps computed here."""
     pairs = [p._replace(reward_margins=(1.0,)) for p in load_pairs(REPO / 'data/tiny', 'test', tokenizer, 128, 64,
                                                                     verbose=False)[:3]]
-    batch = train_tr.make_batch(pairs, 'pdpo', tokenizer.pad_token_id)
+    batch = data_pairs.make_batch(pairs, True, tokenizer.pad_token_id)
     ref = tiny_model
     cfg = train_tr.get_config(['--loss=pdpo', '--pessimism_gamma=0.3', '--beta=0.2'])
     loss_sum, metrics = train_tr.batch_loss(ref, ref, batch, cfg)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_tr
+from data import pairs as data_pairs
 from conftest import padded_logps, pair_loss, plain_logps
 from train_tr import update_reference
 
@@ -143,14 +144,14 @@ REJECTED = [[200, 201], [210, 211, 212, 213, 214, 215, 216], [220, 221, 222]]
 
 def shared_batch(chosen=CHOSEN, pad_id=1):
     rows = [(torch.tensor(p), [torch.tensor(c), torch.tensor(r)]) for p, c, r in zip(PROMPTS, chosen, REJECTED)]
-    return train_tr.layout(rows, pad_id)
+    return data_pairs.layout(rows, pad_id)
 
 
 def test_layout_hand_example(monkeypatch):
     """Rows are 3+4+2 = 9, 2+2+7 = 11 and 7+1+3 = 11 tokens, so the width is 11 (unrounded here). Each response's
     positions restart at its prompt's end; in row 1 the first rejected token (column 4) sees the prompt (0, 1) and
     itself only."""
-    monkeypatch.setattr(train_tr, 'PAD_MULTIPLE', 1)
+    monkeypatch.setattr(data_pairs, 'PAD_MULTIPLE', 1)
     batch = shared_batch()
     assert batch['input_ids'][0].tolist() == [5, 6, 7, 100, 101, 102, 103, 200, 201, 1, 1]
     assert batch['position_ids'][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 4, 0, 0]
@@ -180,7 +181,7 @@ def test_layout_width_is_a_multiple_of_32():
 def test_layout_reads_rewards_before_a_padding_eos():
     """With pad = EOS (Llama, Pythia), a reward is read at the token before the response's final EOS, where a
     transformers sequence classifier pools; a response of EOS alone is read at the prompt's end."""
-    batch = train_tr.layout([(torch.tensor([5, 6]), [torch.tensor([7, 8, 2]), torch.tensor([2])])], pad_id=2)
+    batch = data_pairs.layout([(torch.tensor([5, 6]), [torch.tensor([7, 8, 2]), torch.tensor([2])])], pad_id=2)
     assert batch['last'].tolist() == [3, 1]
 
 
@@ -222,8 +223,8 @@ def test_rejected_never_sees_chosen(tiny_model):
 
 def test_padding_does_not_change_logps(tiny_model, monkeypatch):
     """Row 0 alone (no padding) and as row 0 of the batch (23 columns of padding) give the same log-probs."""
-    monkeypatch.setattr(train_tr, 'PAD_MULTIPLE', 1)
-    alone = train_tr.layout([(torch.tensor(PROMPTS[0]), [torch.tensor(CHOSEN[0]), torch.tensor(REJECTED[0])])], 1)
+    monkeypatch.setattr(data_pairs, 'PAD_MULTIPLE', 1)
+    alone = data_pairs.layout([(torch.tensor(PROMPTS[0]), [torch.tensor(CHOSEN[0]), torch.tensor(REJECTED[0])])], 1)
     monkeypatch.undo()
     assert alone['input_ids'].shape == (1, 9)
     with torch.no_grad():

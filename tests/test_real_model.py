@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train_tr
+from data import pairs as data_pairs
 from conftest import padded_logps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,15 +70,15 @@ def test_prepared_folder_is_an_ordinary_hf_model(smollm2, chat_tokenizer):
     assert (config.model_type, config.num_hidden_layers, config.vocab_size) == ('llama', 30, 49152)
     assert 'quantization_config' not in config.to_dict()
     assert chat_tokenizer.eos_token == chat_tokenizer.pad_token == '<|im_end|>' and chat_tokenizer.chat_template
-    assert train_tr.end_of_turn(chat_tokenizer) == '<|im_end|>\n'
+    assert data_pairs.end_of_turn(chat_tokenizer) == '<|im_end|>\n'
 
 
 @pytest.mark.parametrize('row', ROWS[:4])
 def test_chat_rows_are_the_templates_own_tokens(chat_tokenizer, row):
     """prompt ids + response ids == the tokenized rendering of the whole conversation, for both responses: the
     response ends with the template's '<|im_end|>\\n' and no EOS follows it."""
-    _, (prompt_ids, *responses) = train_tr.encode_row(row, chat_tokenizer, 1024, 512,
-                                                      turn_end=train_tr.end_of_turn(chat_tokenizer))
+    _, (prompt_ids, *responses) = data_pairs.encode_row(row, chat_tokenizer, 1024, 512,
+                                                      turn_end=data_pairs.end_of_turn(chat_tokenizer))
     for key, response_ids in zip(('chosen', 'rejected'), responses):
         full = chat_tokenizer.apply_chat_template(row['prompt'] + row[key], tokenize=False)
         assert prompt_ids + response_ids == chat_tokenizer(full).input_ids
@@ -90,9 +91,9 @@ def test_text_rows_with_a_template_less_tokenizer(chat_tokenizer):
     import copy
     plain = copy.deepcopy(chat_tokenizer)
     plain.chat_template = None
-    assert train_tr.end_of_turn(plain) == ''
+    assert data_pairs.end_of_turn(plain) == ''
     prompt, chosen, rejected = '\n\nHuman: Name three fruits.\n\nAssistant:', ' Apple, fig, plum.', ' Carrot.'
-    prompt_ids, chosen_ids, rejected_ids = train_tr.tokenize_pair(plain, prompt, chosen, rejected, 256, 128)
+    prompt_ids, chosen_ids, rejected_ids = data_pairs.tokenize_pair(plain, prompt, chosen, rejected, 256, 128)
     assert prompt_ids + chosen_ids == plain(prompt + chosen).input_ids + [plain.eos_token_id]
     assert rejected_ids.count(plain.eos_token_id) == 1
 
@@ -102,10 +103,10 @@ def test_shared_prompt_equals_the_padded_path_on_the_real_model(smollm2, chat_to
     relative (the tiny-model tests check gradients; this checks a 30-layer model with RoPE and grouped-query
     attention)."""
     model = train_tr.load_model(str(smollm2)).eval()
-    pairs = [train_tr.Pair(*(torch.tensor(ids) for ids in train_tr.encode_row(
+    pairs = [data_pairs.Pair(*(torch.tensor(ids) for ids in data_pairs.encode_row(
         row, chat_tokenizer, 1024, 512, turn_end='<|im_end|>\n')[1])) for row in ROWS[:4]]
     with torch.no_grad():
-        shared = train_tr.sequence_logps(model, train_tr.make_batch(pairs, 'dpo', chat_tokenizer.pad_token_id))[0]
+        shared = train_tr.sequence_logps(model, data_pairs.make_batch(pairs, True, chat_tokenizer.pad_token_id))[0]
         padded = padded_logps(model, [(p.prompt.tolist(), p.chosen.tolist()) for p in pairs]
                               + [(p.prompt.tolist(), p.rejected.tolist()) for p in pairs], chat_tokenizer.pad_token_id)
     torch.testing.assert_close(shared, padded, rtol=1e-5, atol=0)

@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 import train_tr  # noqa: E402  (importing it has no side effects)
+from data import pairs as data_pairs  # noqa: E402
 from prepare import bradley_terry, gold_reward, in_support, items_of, parse_prompt, write_jsonl  # noqa: E402
 
 SFT, DATA = 'data/toy/sft', 'data/toy'
@@ -122,7 +123,7 @@ def length_biased_sets(out, rhos, n_pairs, seed=0):
     pairs of distinct SFT samples of a prompt with different list lengths; the test pairs are the shipped ones,
     relabelled. Returns the fraction of the relabelled shipped pairs (of different lengths) that prefer the longer."""
     rng = random.Random(seed)
-    shipped = train_tr.read_jsonl(HERE / 'train.jsonl')
+    shipped = data_pairs.read_jsonl(HERE / 'train.jsonl')
     samples = {}
     for row in shipped:
         samples.setdefault(row['prompt'], {}).update(dict.fromkeys((row['chosen'], row['rejected'])))
@@ -139,7 +140,7 @@ def length_biased_sets(out, rhos, n_pairs, seed=0):
     unequal = [(c, r) for c, r in relabelled if len(items_of(c)) != len(items_of(r))]
     natural = sum(len(items_of(c)) > len(items_of(r)) for c, r in unequal) / len(unequal)
     test = [pair_row(r['prompt'], *gold_label(r['prompt'], r['chosen'], r['rejected'], rng))
-            for r in train_tr.read_jsonl(HERE / 'test.jsonl')]
+            for r in data_pairs.read_jsonl(HERE / 'test.jsonl')]
     for rho in rhos:
         n_longer = round(rho * n_pairs)
         rows = rng.sample(longer, n_longer) + rng.sample(shorter, n_pairs - n_longer)
@@ -160,7 +161,7 @@ def pair_logps(model, pairs, pad_id):
     rows = []
     with torch.no_grad():
         for start in range(0, len(pairs), 64):
-            logps, lengths = train_tr.sequence_logps(model, train_tr.make_batch(pairs[start:start + 64], 'dpo', pad_id))
+            logps, lengths = train_tr.sequence_logps(model, data_pairs.make_batch(pairs[start:start + 64], True, pad_id))
             rows.append(torch.stack([*train_tr.chosen_rejected(logps), *train_tr.chosen_rejected(lengths.float())], 1))
     return torch.cat(rows)
 
@@ -174,7 +175,7 @@ def measure(model_dir, samples_path, diagnostic_pairs, sft_logps):
     sample.sample(dict(sample.defaults, init_from=str(model_dir), ref=SFT, data=DATA, out=str(samples_path),
                        **SAMPLING))
     (scores,), _ = judge.reward(dict(judge.defaults, mode='gold', files=str(samples_path)), '')
-    rows = train_tr.read_jsonl(samples_path)
+    rows = data_pairs.read_jsonl(samples_path)
     model = train_tr.load_model(str(model_dir)).eval()
     test, train = (pair_logps(model, pairs, diagnostic_pairs['pad_id']) for pairs in diagnostic_pairs['pairs'])
     ratio = train[:, :2] - sft_logps[:, :2]
@@ -197,9 +198,9 @@ def worker(path):
     cfg = train_tr.get_config([*args, f'--out_dir={path}', f"--seed={spec.get('seed', 0)}"])
     if cfg['loss'] != 'rm':  # the pairs every checkpoint is diagnosed on: the run's own held-out and training pairs
         tokenizer = AutoTokenizer.from_pretrained(SFT)
-        pairs = [train_tr.load_pairs(cfg['data'], split, tokenizer, 64, 32, verbose=False)[:DIAGNOSTIC_PAIRS]
+        pairs = [data_pairs.load_pairs(cfg['data'], split, tokenizer, 64, 32, verbose=False)[:DIAGNOSTIC_PAIRS]
                  for split in ('test', 'train')]
-        diagnostic = dict(pairs=pairs, pad_id=train_tr.padding_id(tokenizer))
+        diagnostic = dict(pairs=pairs, pad_id=data_pairs.padding_id(tokenizer))
         sft_logps = pair_logps(train_tr.load_model(SFT).eval(), pairs[1], diagnostic['pad_id'])
     if spec['args'] is None:  # the SFT model itself: the start of every curve
         point = dict(iter=0, **measure(SFT, path / 'samples.jsonl', diagnostic, sft_logps))

@@ -1,0 +1,362 @@
+"""
+The data path of train_tr.py, sample.py and judge.py: preference rows from JSONL/JSON/parquet files, folders or HF
+datasets, checked (bad rows skipped and counted), rendered (text or chat messages through the tokenizer's chat
+template), tokenized once and truncated; and the batches of the prompt-sharing layout the models read.
+
+Canonical rows are {"prompt", "chosen", "rejected"}: text, or chat-message lists. Distillation data also carries
+"reward_chosen"/"reward_rejected", one number per reward model (data/label.py writes them).
+"""
+import json
+import math
+import re
+from collections import Counter, namedtuple
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+DATA_SUFFIXES = ('.jsonl', '.json', '.parquet')  # in any case: .JSONL too
+
+
+def read_text(path):
+    """A UTF-8 file's text, without the byte-order mark some editors write (it would make the first row unreadable).
+    A file in another encoding, or binary, stops the run, naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b'\n') + 1
+        raise SystemExit(f'error: {path} is not UTF-8 text ({e.reason} at line {line}, byte {e.start}); '
+                         'save it as UTF-8')
+
+
+def jsonl_lines(text):
+    """JSONL lines end at '\\n' only: str.splitlines() also cuts at U+2028, U+2029, U+0085 and other characters
+    that json.dumps(ensure_ascii=False) writes raw inside strings."""
+    return text.split('\n')
+
+
+def read_jsonl(path):
+    """The complete JSON lines of a file (a line cut short by a kill, or not JSON, is left out); [] if it does not
+    exist."""
+    if not Path(path).exists():
+        return []
+    rows = []
+    for line in jsonl_lines(read_text(path))[:-1]:  # the last piece follows the last newline: empty, or cut short
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def read_rows(source, split):
+    """(rows, name) of one split; rows is None when the source has no such split, and name then says what was
+    looked for. Unparseable lines become None rows."""
+    path = Path(source)
+    if path.is_dir():
+        found = sorted(path.glob(f'{split}.*'))
+        files = [f for f in found if f.suffix.lower() in DATA_SUFFIXES]
+        if len(files) > 1:  # which one is meant cannot be guessed
+            raise SystemExit(f'error: {path} has {" and ".join(f.name for f in files)}: keep one {split} file')
+        if not files:
+            ignored = f' ({", ".join(f.name for f in found)} not read: the name must end in .jsonl, .json or .parquet)'
+            return None, f'no {split}.jsonl, {split}.json or {split}.parquet in {path}' + (ignored if found else '')
+        path = files[0]
+    elif path.is_file():
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            raise SystemExit(f'error: {path}: a data file must end in .jsonl (one JSON object per line), .json or '
+                             '.parquet')
+        if split != 'train':
+            return None, f'no {split} split in {path} (a single file is the train split)'
+    elif path.suffix.lower() in DATA_SUFFIXES + ('.txt',) or source.startswith(('.', '/', '~')):
+        raise SystemExit(f'error: data file not found: {path}')
+    else:  # a Hugging Face dataset name: its test split, or its validation split for evaluation
+        import datasets
+        try:
+            splits = datasets.load_dataset(source)
+        except Exception as e:  # the hub's many error types; what matters is the one line
+            raise SystemExit(f'error: data={source} is no file or folder here, and datasets.load_dataset failed: '
+                             f'{" ".join(str(e).split())}')
+        names = [split] if split == 'train' else [split, 'validation']
+        name = next((n for n in names if n in splits), None)
+        return (None if name is None else splits[name].to_list()), f'{source}[{name or split}]'
+    if path.suffix.lower() == '.parquet':
+        import datasets
+        return datasets.Dataset.from_parquet(str(path)).to_list(), str(path)
+    text = read_text(path)
+    if path.suffix.lower() == '.json' and text.lstrip().startswith('['):
+        try:
+            return json.loads(text), str(path)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f'error: {path} is not a valid JSON array: {e}')
+    rows = []
+    for line in jsonl_lines(text):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                rows.append(None)
+    return rows, str(path)
+
+
+def is_messages(value):
+    return (isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str) for m in value))
+
+
+def render_response(tokenizer, prompt, prompt_text, response):
+    """A response as text. A message-list response is what the chat template adds after the prompt (TRL's rule)."""
+    if isinstance(response, str):
+        return response
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise ValueError('the chat template does not render prompt+response as an extension of the prompt')
+    return full[len(prompt_text):]
+
+
+def is_valid_unicode(text):
+    """False for text holding a lone surrogate (valid JSON, e.g. "\\ud83c" from a cut emoji): no tokenizer takes it."""
+    return not re.search('[\ud800-\udfff]', text)
+
+
+def render_row(row, tokenizer, need_rejected=True):
+    """(prompt_text, chosen_text, rejected_text or None), or a short reason why the row is unusable."""
+    if not isinstance(row, dict):
+        return 'not a JSON object'
+    keys = ('prompt', 'chosen', 'rejected') if need_rejected else ('prompt', 'chosen')
+    if any(row.get(k) is None for k in keys):
+        return 'missing key'
+    prompt = row['prompt']
+    if not (isinstance(prompt, str) or is_messages(prompt)):
+        return 'non-text field'
+    responses = [row[k] for k in keys[1:]]
+    if not all(isinstance(r, str) or (is_messages(r) and isinstance(prompt, list)) for r in responses):
+        return 'non-text field'
+    if isinstance(prompt, list) and not tokenizer.chat_template:
+        return 'messages without a chat template'
+    if isinstance(prompt, list):
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    else:
+        prompt_text = prompt
+    try:
+        texts = [render_response(tokenizer, prompt, prompt_text, r) for r in responses]
+    except ValueError:
+        return 'chat template mismatch'
+    if not all(is_valid_unicode(t) for t in (prompt_text, *texts)):
+        return 'invalid Unicode'
+    if not all(t.strip() for t in texts):
+        return 'empty response'
+    if need_rejected and texts[0] == texts[1]:
+        return 'identical responses'
+    return prompt_text, texts[0], texts[1] if need_rejected else None
+
+
+def end_of_turn(tokenizer):
+    """What the chat template writes after an assistant message's text ('<|im_end|>\\n' for ChatML), or '' when it
+    writes nothing that ends a turn (no template, or a plain-text one like data/toy's)."""
+    if not tokenizer.chat_template:
+        return ''
+    marker = '\x00nanotr\x00'
+    text = tokenizer.apply_chat_template([{'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': marker}],
+                                         tokenize=False)
+    return text[text.rfind(marker) + len(marker):] if marker in text else ''
+
+
+def tokenize_prompt(tokenizer, prompt):
+    """Prompt ids with BOS exactly where the model expects one: the tokenizer adds it for models that use it
+    (Llama) and not for others (Pythia); a chat template that already wrote it into the text is not doubled."""
+    prompt_ids = tokenizer(prompt).input_ids
+    if len(prompt_ids) > 1 and prompt_ids[0] == prompt_ids[1] == tokenizer.bos_token_id:
+        prompt_ids = prompt_ids[1:]
+    return prompt_ids
+
+
+def tokenize_response(tokenizer, text, turn_end=''):
+    """Response ids ending the sequence: EOS is appended to plain text, unless the text already ends with EOS or
+    with the chat template's end of turn (a message-list response ends with it, and TRL appends nothing after it)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if (turn_end.strip() and text.endswith(turn_end)) or ids[-1:] == [tokenizer.eos_token_id]:
+        return ids
+    return ids + [tokenizer.eos_token_id]
+
+
+def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length, turn_end=''):
+    """Token ids (prompt, chosen, rejected or nothing) of rendered texts; too-long pairs are truncated."""
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    responses = [tokenize_response(tokenizer, r, turn_end) for r in (chosen, rejected) if r is not None]
+    prompt_ids, responses = truncate(prompt_ids, responses, max_length, max_prompt_length)
+    return prompt_ids, *responses
+
+
+def truncate(prompt_ids, responses, max_length, max_prompt_length):
+    """A too-long example first loses the prompt's start (keeping its last max_prompt_length tokens), then the
+    responses' ends (the DPO repository's rule: a dialogue's end matters most, and each response keeps its start)."""
+    if len(prompt_ids) + max(map(len, responses)) > max_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    return prompt_ids, [r[:max_length - len(prompt_ids)] for r in responses]
+
+
+def without_oldest_exchange(messages):
+    """The conversation minus its first user turn and the assistant turns that answer it (system turns stay), or
+    None when only one user turn is left."""
+    users = [i for i, m in enumerate(messages) if m['role'] == 'user']
+    if len(users) < 2:
+        return None
+    return messages[:users[0]] + messages[users[1]:]
+
+
+# A tokenized example: prompt and response ids (int32; rejected is None for sft), and for reward-labelled data the
+# margins Δr_i = r_i(y_w) − r_i(y_l) of its k reward models.
+Pair = namedtuple('Pair', 'prompt chosen rejected reward_margins', defaults=(None, None))
+
+
+def encode_row(row, tokenizer, max_length, max_prompt_length, need_rejected=True, turn_end=''):
+    """(prompt_text, token ids) of a row, or why it is unusable. A pair longer than max_length is truncated; a chat
+    prompt first loses whole exchanges, oldest first, so that its system turn, the template's opening and its last
+    user turn stay intact (cutting tokens off its start, as for text, would drop those); only a last user turn that
+    alone is over max_prompt_length is cut like text."""
+    while True:
+        texts = render_row(row, tokenizer, need_rejected)
+        if isinstance(texts, str):
+            return texts
+        prompt_ids, *responses = tokenize_pair(tokenizer, *texts, max_length=10**9, max_prompt_length=10**9,
+                                               turn_end=turn_end)
+        too_long = len(prompt_ids) + max(map(len, responses)) > max_length and len(prompt_ids) > max_prompt_length
+        shorter = without_oldest_exchange(row['prompt']) if too_long and isinstance(row['prompt'], list) else None
+        if shorter is None:
+            break
+        row = dict(row, prompt=shorter)
+    prompt_ids, responses = truncate(prompt_ids, responses, max_length, max_prompt_length)
+    return texts[0], [prompt_ids, *responses]
+
+
+def reward_margins(row, name, index, k):
+    """Δr_i = reward_chosen[i] − reward_rejected[i] of a labelled row (a number counts as a list of one). Rows are
+    never skipped for their rewards: a missing or malformed label stops the run, naming the row."""
+    where = f'{name} row {index + 1}'
+    if 'reward_chosen' not in row or 'reward_rejected' not in row:
+        raise SystemExit(f'error: {where} has no reward_chosen/reward_rejected; distillation losses train on pairs '
+                         'labelled by reward models (python judge.py --mode=label)')
+    chosen, rejected = (r if isinstance(r, list) else [r] for r in (row['reward_chosen'], row['reward_rejected']))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in chosen + rejected) \
+            or not chosen or len(chosen) != len(rejected):
+        raise SystemExit(f'error: {where}: reward_chosen and reward_rejected must be lists of numbers of equal length')
+    if k is not None and len(chosen) != k:
+        raise SystemExit(f'error: {where} has {len(chosen)} rewards per response, earlier rows have {k}')
+    if not all(map(math.isfinite, chosen + rejected)):
+        raise SystemExit(f'error: {where} has a NaN or infinite reward')
+    return tuple(float(c) - float(r) for c, r in zip(chosen, rejected))
+
+
+def load_pairs(source, split, tokenizer, max_length, max_prompt_length, need_rejected=True, verbose=True,
+               required=True, need_rewards=False, texts=False):
+    """The split's usable rows tokenized once, as Pairs (with texts=True, (prompt_text, Pair) tuples); bad rows are
+    skipped and counted. A missing split is an error, or None when not required (the held-out split)."""
+    rows, name = read_rows(source, split)
+    if rows is None:
+        if required:
+            hint = ' (a data/<name> folder is filled by its prepare.py)' if Path(source).is_dir() else ''
+            raise SystemExit(f'error: {name}{hint}')
+        if verbose:
+            print(name)
+        return None
+    pairs, skipped, turn_end, k = [], Counter(), end_of_turn(tokenizer), None
+    for index, row in enumerate(rows):
+        result = encode_row(row, tokenizer, max_length, max_prompt_length, need_rejected, turn_end)
+        if isinstance(result, str):
+            skipped[result] += 1
+            continue
+        margins = reward_margins(row, name, index, k) if need_rewards else None
+        k = len(margins) if margins else None
+        pair = Pair(*(torch.tensor(ids, dtype=torch.int32) for ids in result[1]), reward_margins=margins)
+        pairs.append((result[0], pair) if texts else pair)
+    if verbose:
+        why = ', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))
+        skip_note = f' (skipped {sum(skipped.values()):,} rows: {why})' if skipped else ''
+        print(f'{name}: {len(pairs):,} pairs{skip_note}')
+    if not pairs:
+        raise SystemExit(f'error: no usable preference rows in {name} ({len(rows)} rows read; '
+                         'each needs "prompt", "chosen"' + (', "rejected"' if need_rejected else '') + ' as text)')
+    return pairs
+
+
+def padding_id(tokenizer):
+    """The id batches are padded with: the tokenizer's pad token, else EOS (Pythia and Llama define no pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# Rows are padded to a multiple of 32 tokens: a bounded set of shapes. On a CPU, oneDNN builds and caches kernels per
+# shape for bf16, and with free widths a SmolLM2 run grew by 1.7 GB in 50 steps (measured; 0.3 GB padded).
+PAD_MULTIPLE = 32
+
+
+def layout(rows, pad_id, device='cpu'):
+    """The batch tensors of rows [(prompt_ids, [response_ids, ...])]: each row is one sequence, the prompt followed by
+    all its responses, right-padded. Prompt sharing (Wang & Hegde 2024): a response token attends to the prompt and to
+    its own response only, and its positions continue from the prompt's end, so each response sees exactly what it
+    would see after the prompt alone (the same log-probs, tested) while the prompt is computed once. Responses are
+    numbered response-major: response 0 of every row (the chosen ones), then response 1 (the rejected ones).
+        predict  flat index (row·width + column) of the hidden state that predicts each response token: the prompt's
+                 last position for the first token, then the response's own positions
+        labels   the response tokens, in that order;  lengths: tokens per response (owner: the response of each token)
+        last     flat index of each response's last token that is not padding (a reward model reads its score there)
+        n_tokens the real tokens of the batch (each prompt counted once)
+    """
+    n_rows, n_responses = len(rows), len(rows[0][1])
+    width = -(-max(len(p) + sum(map(len, rs)) for p, rs in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    segment = torch.full((n_rows, width), -1)  # 0 prompt, j + 1 response j, -1 padding
+    starts = []
+    for b, (prompt, responses) in enumerate(rows):
+        n = len(prompt) + sum(map(len, responses))
+        input_ids[b, :n] = torch.cat([prompt, *responses])
+        position_ids[b, :n] = torch.cat([torch.arange(len(prompt))] + [torch.arange(len(r)) + len(prompt)
+                                                                       for r in responses])
+        segment[b, :n] = torch.cat([torch.zeros(len(prompt))] + [torch.full((len(r),), j + 1)
+                                                                 for j, r in enumerate(responses)])
+        starts.append([len(prompt) + sum(map(len, responses[:j])) for j in range(n_responses)])
+    predict, last = [], []
+    for j in range(n_responses):
+        for b, (prompt, responses) in enumerate(rows):
+            start, response = starts[b][j], responses[j]
+            predict.append(b * width + torch.cat([torch.tensor([len(prompt) - 1]),
+                                                  torch.arange(start, start + len(response) - 1)]))
+            real = (response != pad_id).nonzero()  # with pad = EOS, the token before the final EOS (as transformers)
+            last.append(b * width + (start + real[-1, 0].item() if len(real) else len(prompt) - 1))
+    lengths = torch.tensor([len(rs[j]) for j in range(n_responses) for _, rs in rows])
+    column = torch.arange(width)
+    visible = (segment[:, None, :] == 0) | (segment[:, :, None] == segment[:, None, :])  # [row, query, key]
+    batch = {'input_ids': input_ids, 'position_ids': position_ids,
+             'attention_mask': (visible & (column[None, :] <= column[:, None]))[:, None],
+             'predict': torch.cat(predict), 'labels': torch.cat([rs[j] for j in range(n_responses) for _, rs in rows]),
+             'owner': torch.arange(len(lengths)).repeat_interleave(lengths), 'lengths': lengths,
+             'last': torch.tensor(last), 'n_tokens': (segment >= 0).sum().float()}
+    return {k: v.to(device, torch.long if k == 'labels' else None) for k, v in batch.items()}
+
+
+def make_batch(pairs, with_rejected, pad_id, device='cpu'):
+    """One micro-batch of Pairs: a row per pair, [prompt, chosen, rejected] (with_rejected=False, sft: [prompt,
+    chosen]), and for labelled pairs their reward margins [n, k]."""
+    batch = layout([(p.prompt, [p.chosen, p.rejected] if with_rejected else [p.chosen]) for p in pairs], pad_id, device)
+    if pairs[0].reward_margins is not None:
+        batch['reward_margins'] = torch.tensor([p.reward_margins for p in pairs], device=device)
+    return batch
+
+
+@lru_cache(maxsize=2)
+def epoch_order(n_pairs, seed, epoch):
+    return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def step_pair_indices(n_pairs, done, batch_size, seed):
+    """Indices of the pairs of the iteration after `done` iterations: consecutive slices of a stream of seeded
+    per-epoch permutations, so the data position of a run is just its iteration number."""
+    indices, start = [], done * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), n_pairs)
+        indices += epoch_order(n_pairs, seed, epoch)[offset:offset + batch_size - len(indices)]
+    return indices
+
+
