@@ -13,7 +13,7 @@ For a preference pair (y_w ≻ y_l) the losses are
                                                             from the global batch (x_i with both responses of i+1)
 Reward-model distillation (Fisch et al. 2024). A Bradley–Terry reward model r(x, y) is trained with
     rm        −log σ(r(y_w) − r(y_l)) + c·(r(y_w) + r(y_l))²  (c = rm_center_coef, TRL / Eisenstein et al. 2023)
-pairs are labelled with k reward models (judge.py mode=label: Δr_i = r_i(y_w) − r_i(y_l)), and with the implicit
+pairs are labelled with k reward models (data/label.py: Δr_i = r_i(y_w) − r_i(y_l)), and with the implicit
 reward margin m = β(ρ_w − ρ_l) and KL = −(ρ_w + ρ_l)/2, an estimate of KL(π_ref‖π_θ) on the dataset responses:
     distill   (m − Δr)²                                  d-DPO; Δr = Δr_1, or the ensemble mean (distill_reduce)
     edistill  min_i (m − Δr_i)² + γ·KL                   e-DPO: pessimistic over k reward models; γ = pessimism_gamma
@@ -25,19 +25,13 @@ Trust region (TR-DPO / TR-IPO / TR-KTO; Gorbatovski, Shaposhnikov et al., ICLR 2
 With α=0 or ref_update=none this is plain DPO/IPO/KTO against the fixed initial (SFT) model. The update works the
 same for distill, edistill and pdpo (trust-region distillation, a combination neither paper ran).
 
-Run:
-    python train_tr.py                                   # TR-DPO on the gold-reward toy in data/toy, CPU, ~15 s
-    python train_tr.py --loss=ipo --ref_update=hard --tr_tau=16
-    python train_tr.py --loss=rm --out_dir=out/rm                        # a reward model; judge.py labels pairs
-    python train_tr.py --loss=edistill --data=out/labels                 # distillation from the labelled pairs
-    torchrun --standalone --nproc_per_node=8 train_tr.py config.py --data=data/hh --init_from=EleutherAI/pythia-2.8b
-Every setting below can be overridden with --key=value, or by a Python config file of `key = value` lines.
+Run `python train_tr.py` (TR-DPO on the toy in data/toy, ~15 s on a CPU) or `torchrun ... train_tr.py config.py
+--key=value ...`: every setting below can be overridden (--help lists them); README.md has the recipes.
 """
 import ast
 import copy
 import difflib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -61,7 +55,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data.pairs import layout, load_pairs, make_batch, padding_id, read_jsonl, step_pair_indices, truncate
+from data.pairs import (RUN_STATE, layout, load_pairs, make_batch, note_evaluation, padding_id, read_jsonl, sha256,
+                        step_pair_indices, truncate)
 
 # -----------------------------------------------------------------------------
 # config: defaults run TR-DPO on the toy that data/toy ships; the comments give the papers' values
@@ -274,28 +269,20 @@ def all_reduce_sums(sums):
     return dict(zip(sums, values.tolist()))
 
 
-
 # -----------------------------------------------------------------------------
 # reference update: identical sharding means each rank mixes its own shards, with no communication
-def fsdp_modules(model):
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def local_tensors(model):
-    return [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
-
-
 @torch.no_grad()
 def update_reference(policy, ref, alpha):
     """θ_ref ← α·θ + (1−α)·θ_ref (α = 1: θ_ref ← θ), in fp32 on the local shards of both models."""
-    for module in fsdp_modules(policy) + fsdp_modules(ref):
-        module.reshard()  # the mix must land in the sharded storage, not in a gathered copy
-    ref_params, policy_params = local_tensors(ref), local_tensors(policy)
+    for module in [*policy.modules(), *ref.modules()]:
+        if isinstance(module, FSDPModule):
+            module.reshard()  # the mix must land in the sharded storage, not in a gathered copy
+    ref_params, policy_params = ([p.to_local() if isinstance(p, DTensor) else p for p in m.parameters()]
+                                 for m in (ref, policy))
     if alpha == 1.0:
         torch._foreach_copy_(ref_params, policy_params)
     else:
         torch._foreach_lerp_(ref_params, policy_params, alpha)
-
 
 
 # -----------------------------------------------------------------------------
@@ -306,10 +293,9 @@ def train(cfg):
     micro_size = micro_batch_size(cfg, world)
     print0(textwrap.fill(' '.join(f'{k}={v!r}' for k, v in cfg.items()), 120, initial_indent='config: '))
     torch.manual_seed(cfg['seed'])  # the reward model's score head; nothing else draws from torch's generator
-    tokenizer, train_pairs, eval_pairs = load_data(cfg, master)  # every input is checked before out_dir is touched
+    # every input is checked before out_dir is touched
+    tokenizer, train_pairs, eval_pairs = load_data(cfg, master, world * micro_size)
     pad_id = padding_id(tokenizer)
-    if master:
-        note_evaluation(eval_pairs, cfg['eval_pairs'], world * micro_size)
     out_dir, lock = Path(cfg['out_dir']), open_out_dir(cfg, master)
     policy, ref, compute_dtype = load_models(cfg, device, world)
     n_params = sum(p.numel() for p in policy.parameters())
@@ -327,10 +313,9 @@ def train(cfg):
             log({'iter': it, **record})
             print0(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()))
         save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
-        if cfg['snapshots'] and master:  # the policy files only: a snapshot is for sampling, not for resuming
-            shutil.copytree(out_dir, out_dir / f'iter_{it}', dirs_exist_ok=True,
-                            ignore=lambda d, names: [n for n in names if n in ('state.pt', 'checkpoint.json', 'metrics.jsonl', '.lock')
-                                                     or n.startswith(('iter_', '.tmp'))])
+        if cfg['snapshots'] and master:  # the model files only: a snapshot is for sampling, not for resuming
+            shutil.copytree(out_dir, out_dir / f'iter_{it}', dirs_exist_ok=True, ignore=lambda d, names: [
+                n for n in names if n in RUN_STATE or n.startswith(('iter_', '.'))])
 
     spec = LOSSES[cfg['loss']]
     moving_ref = ref is not None and cfg['ref_update'] != 'none'
@@ -388,7 +373,6 @@ def train(cfg):
     dist.destroy_process_group()
 
 
-
 # =============================================================================
 # plumbing: the command line, processes and devices, models, checkpoints and logs
 def parse_overrides(argv, defaults, source):
@@ -404,13 +388,11 @@ def parse_overrides(argv, defaults, source):
         if '=' in arg:
             key, value = arg.removeprefix('--').split('=', 1)
             overrides = {key: value if isinstance(cfg.get(key), str) else python_literal(value)}
-        elif arg.startswith('-'):
-            raise SystemExit(f'error: {arg}: settings are given as --key=value (--help lists them)')
-        elif not arg.endswith('.py'):  # `python train_tr.py mydata.jsonl` must not run the data as Python
-            raise SystemExit(f'error: {arg} is not a config file (a .py file of `key = value` lines); '
-                             f'data is given as --data={arg}')
-        elif not Path(arg).is_file():
-            raise SystemExit(f'error: config file {arg} not found')
+        elif not (arg.endswith('.py') and Path(arg).is_file()):  # `train_tr.py data.jsonl` must not run as Python
+            raise SystemExit(f'error: {arg}: settings are given as --key=value (--help lists them)' if arg[0] == '-'
+                             else f'error: config file {arg} not found' if arg.endswith('.py') else
+                             f'error: {arg} is not a config file (a .py file of `key = value` lines); data is given '
+                             f'as --data={arg}')
         else:
             namespace = {}
             try:
@@ -536,7 +518,6 @@ def setup_distributed(device_name):
     return rank, world, device
 
 
-
 # -----------------------------------------------------------------------------
 # models: policy and reference are the same architecture, sharded identically, both with fp32 master weights
 def load_model(name, reward_model=False):
@@ -570,9 +551,9 @@ def with_response_outputs(model):
 def distribute_model(model, mesh, bf16, reshard_root):
     """Several processes: FSDP2 on each decoder layer (the classes named in model._no_split_modules), then on the root,
     with bf16 compute over the fp32 weights (MixedPrecisionPolicy); response_outputs is registered as a forward of
-    the root, which holds the embedding and the head it calls. A world of one is not sharded: there FSDP's per-layer
-    copies of weights and gradients are pure cost (27% of a tiny model's step, 6% of SmolLM2's and 0.4 GB, measured),
-    and bf16 is autocast around response_outputs."""
+    the root, which holds the embedding and the head it calls. A world of one is not sharded (FSDP's per-layer copies
+    of weights and gradients would be pure cost; README has the figures): there bf16 is autocast around
+    response_outputs. reshard_root=False keeps the root's weights gathered from forward to backward."""
     if mesh.size() == 1:
         model.to(mesh.device_type)
         if bf16:
@@ -623,7 +604,6 @@ def sequence_rewards(reward_model, batch):
     """The reward of each response of a layout batch (response-major)."""
     return reward_model.response_outputs(batch['input_ids'], batch['position_ids'], batch['attention_mask'],
                                          batch['predict'], last=batch['last'])
-
 
 
 # -----------------------------------------------------------------------------
@@ -681,14 +661,6 @@ def check_out_dir(cfg):
     if changed:
         raise SystemExit(f"error: resume=True with other settings than the run saved in {path}: {'; '.join(changed)}. "
                          f"A resumed run may change only {', '.join(RESUMABLE)}")
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_checksums(out_dir):
@@ -767,20 +739,19 @@ def open_metrics(path, resume_iter):
     """metrics.jsonl, open for appending. A resumed run (resume_iter: the step of its checkpoint) keeps the lines up to
     its checkpoint: lines an interrupted run logged after it, and a line cut short by a kill, are dropped, so each
     step appears once. A fresh run starts it empty."""
-    kept = [r for r in read_jsonl(path) if r['iter'] <= resume_iter] if resume_iter is not None else []
+    kept = [r for r in read_jsonl(path) if isinstance(r, dict) and isinstance(r.get('iter'), int)  # foreign lines: out
+            and r['iter'] <= resume_iter] if resume_iter is not None else []
     tmp = path.with_name(path.name + '.tmp')
     tmp.write_text(''.join(json.dumps(r) + '\n' for r in kept))
     os.replace(tmp, path)  # a kill while rewriting leaves the old file
     return open(path, 'a')
 
 
-
 # -----------------------------------------------------------------------------
 # training loop
-def peak_memory_gb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def peak_memory_gb(device):  # CPU: the peak RSS, which Linux reports in KiB
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def evaluate(policy, ref, pairs, pad_id, cfg, rank, world, micro_size, device):
@@ -804,16 +775,6 @@ def evaluate(policy, ref, pairs, pad_id, cfg, rank, world, micro_size, device):
     return {f'eval/{k}': v / (denominator if k == 'loss' else n) for k, v in totals.items()}
 
 
-def note_evaluation(pairs, eval_pairs, global_micro):
-    """Says why evaluate() will never run, if it will not: it evaluates whole global micro-batches only."""
-    n = 0 if pairs is None else min(len(pairs), eval_pairs)
-    if n < global_micro:
-        why = 'no test split' if pairs is None else 'eval_pairs=0' if eval_pairs == 0 else \
-            f'{len(pairs)} held-out pairs, eval_pairs={eval_pairs}: fewer than one micro-batch of {global_micro} ' \
-            'over all processes'
-        print(f'note: no evaluation ({why}); checkpoints are still saved every eval_interval steps')
-
-
 def stop_if_not_finite(loss, grad_norm, it):
     """Stops every rank at a step whose loss or gradient norm is NaN or infinite, before the optimizer writes such
     values into the weights and a checkpoint saves them. Each rank holds its share of the loss (summed here, so a NaN
@@ -825,8 +786,7 @@ def stop_if_not_finite(loss, grad_norm, it):
                          'before the optimizer step, so the last checkpoint holds finite weights (lr too high?)')
 
 
-def print0(*args):
-    """print on rank 0 only (through tqdm, so that a progress bar stays intact)."""
+def print0(*args):  # on rank 0 only, through tqdm so that a progress bar stays intact
     if not dist.is_initialized() or dist.get_rank() == 0:
         tqdm.write(' '.join(map(str, args)))
 
@@ -840,7 +800,7 @@ def micro_batch_size(cfg, world):
     return micro_size
 
 
-def load_data(cfg, master):
+def load_data(cfg, master, global_micro):
     """(tokenizer, train Pairs, held-out Pairs or None), with the responses and labels that the loss reads."""
     from transformers import AutoTokenizer
     for key in ('init_from', 'ref_from'):
@@ -851,8 +811,11 @@ def load_data(cfg, master):
         raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
     settings = dict(tokenizer=tokenizer, max_length=cfg['max_length'], max_prompt_length=cfg['max_prompt_length'],
                     need_rejected=LOSSES[cfg['loss']].pairs, verbose=master, need_rewards=LOSSES[cfg['loss']].labels)
-    return tokenizer, load_pairs(cfg['data'], 'train', **settings), load_pairs(cfg['data'], 'test', required=False,
-                                                                              **settings)
+    train_pairs, eval_pairs = (load_pairs(cfg['data'], split, required=split == 'train', **settings)
+                               for split in ('train', 'test'))
+    if master:
+        note_evaluation(eval_pairs, cfg['eval_pairs'], global_micro)
+    return tokenizer, train_pairs, eval_pairs
 
 
 def load_models(cfg, device, world):
@@ -871,7 +834,7 @@ def load_models(cfg, device, world):
         distribute_model(ref, mesh, bf16, reshard_root=True)  # root gathered only during its forward
     if cfg['grad_checkpoint']:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-    distribute_model(policy, mesh, bf16, reshard_root=None)
+    distribute_model(policy, mesh, bf16, reshard_root=False)
     policy.train()
     if ref is not None and [p.shape for p in policy.parameters()] != [p.shape for p in ref.parameters()]:
         raise SystemExit('error: ref_from must have the same architecture as init_from (the update mixes them)')
@@ -884,9 +847,8 @@ def open_log(cfg, out_dir, resume_iter, master):
         return lambda record: None
     path = out_dir / 'metrics.jsonl'
     open_metrics(path, resume_iter).close()  # each record is appended in its own open: a kill loses no line
-    wandb = None
-    if cfg['wandb_log']:
-        import wandb
+    wandb = __import__('wandb') if cfg['wandb_log'] else None
+    if wandb is not None:
         wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg)
 
     def log(record):
@@ -895,7 +857,6 @@ def open_log(cfg, out_dir, resume_iter, master):
         if wandb is not None:
             wandb.log(record, step=record['iter'])
     return log
-
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ template), tokenized once and truncated; and the batches of the prompt-sharing l
 Canonical rows are {"prompt", "chosen", "rejected"}: text, or chat-message lists. Distillation data also carries
 "reward_chosen"/"reward_rejected", one number per reward model (data/label.py writes them).
 """
+import hashlib
 import json
 import math
 import re
@@ -16,6 +17,29 @@ from pathlib import Path
 import torch
 
 DATA_SUFFIXES = ('.jsonl', '.json', '.parquet')  # in any case: .JSONL too
+RUN_STATE = ('state.pt', 'metrics.jsonl', 'checkpoint.json')  # what train_tr.py keeps beside a model: not the model
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(source):
+    """A short sha256 of what a path holds, so that an output made from it can tell when it changed: a file's bytes,
+    or a folder's top-level files (names and bytes; hidden files and the run state beside a model left out). Anything
+    else, a hub name, is taken by its name."""
+    path = Path(source).expanduser()
+    files = [path] if path.is_file() else sorted(
+        f for f in path.iterdir() if f.is_file() and f.name not in RUN_STATE and not f.name.startswith('.')) \
+        if path.is_dir() else []
+    digest = hashlib.sha256(b'' if files else f'name:{source}'.encode())
+    for f in files:
+        digest.update(f'{f.name}:{sha256(f)}\n'.encode())
+    return digest.hexdigest()[:16]
 
 
 def read_text(path):
@@ -360,3 +384,11 @@ def step_pair_indices(n_pairs, done, batch_size, seed):
     return indices
 
 
+def note_evaluation(pairs, eval_pairs, global_micro):
+    """Says why train_tr.py will never evaluate, if it will not: it evaluates whole global micro-batches only."""
+    n = 0 if pairs is None else min(len(pairs), eval_pairs)
+    if n < global_micro:
+        why = 'no test split' if pairs is None else 'eval_pairs=0' if eval_pairs == 0 else \
+            f'{len(pairs)} held-out pairs, eval_pairs={eval_pairs}: fewer than one micro-batch of {global_micro} ' \
+            'over all processes'
+        print(f'note: no evaluation ({why}); checkpoints are still saved every eval_interval steps')

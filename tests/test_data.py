@@ -426,7 +426,7 @@ def test_messages_without_a_chat_template_are_bad_rows(tokenizer, monkeypatch):
 ])
 def test_note_when_evaluation_never_runs(capsys, n_pairs, eval_pairs, note):
     pairs = None if n_pairs is None else GOOD_TEXTS[:1] * n_pairs
-    train_tr.note_evaluation(pairs, eval_pairs, 16)
+    data_pairs.note_evaluation(pairs, eval_pairs, 16)
     out = capsys.readouterr().out
     assert out == (f'note: no evaluation ({note}); checkpoints are still saved every eval_interval steps\n'
                    if note else '')
