@@ -618,8 +618,11 @@ RESUMABLE = ('out_dir', 'resume', 'max_iters', 'eval_interval', 'eval_pairs', 'l
 def lock_out_dir(out_dir):
     """An exclusive lock on out_dir/.lock, held while the returned file stays open (the OS drops it when the process
     ends, even by kill -9): two runs in one out_dir would write over each other's checkpoint files."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(out_dir / '.lock', 'w')
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / '.lock', 'w')
+    except OSError as e:  # a file of that name, a read-only or full disk
+        raise SystemExit(f'error: cannot use out_dir={out_dir}: {e.strerror or e}')
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -630,14 +633,17 @@ def lock_out_dir(out_dir):
 
 
 def open_out_dir(cfg, master):
-    """Locks out_dir (rank 0; the returned lock is held while the run lasts), finishes a save that a kill interrupted
-    and checks what out_dir holds (check_out_dir)."""
+    """Checks out_dir (a refused run leaves nothing behind), locks it (rank 0; the returned lock is held while the run
+    lasts), finishes a save that a kill interrupted, checks again what that left, and verifies a checkpoint to resume."""
     out_dir = Path(cfg['out_dir'])
+    check_out_dir(cfg)
     lock = lock_out_dir(out_dir) if master else None
     if master:
         commit_checkpoint(out_dir)
     dist.barrier()
     check_out_dir(cfg)
+    if cfg['resume']:
+        check_checksums(out_dir)
     return lock
 
 
@@ -645,7 +651,12 @@ def check_out_dir(cfg):
     """A fresh run needs an out_dir without a saved run, so that no state.pt of another run is left for a later resume
     to continue; a resumed run needs a whole checkpoint (every file as its checkpoint.json lists it) saved with the
     same settings, apart from those in RESUMABLE."""
-    out_dir = Path(cfg['out_dir'])
+    out_dir = Path(cfg['out_dir']).resolve()
+    inputs = {key: Path(cfg[key]).resolve() for key in ('init_from', 'ref_from', 'data') if Path(cfg[key]).exists()}
+    for key, path in inputs.items():  # a checkpoint written there would overwrite that model or mix into that data
+        if out_dir in (path, path.parent if path.is_file() else path) or path in out_dir.parents:
+            raise SystemExit(f"error: out_dir={cfg['out_dir']} is (or is inside) {key}={cfg[key]}; the run would write "
+                             'its checkpoints over its own input: use another out_dir')
     path = out_dir / 'state.pt'
     if not cfg['resume']:
         if path.exists():
@@ -654,8 +665,10 @@ def check_out_dir(cfg):
         return
     if not path.is_file():
         raise SystemExit(f'error: resume=True but {path} does not exist')
-    check_checksums(out_dir)
-    saved = torch.load(path, map_location='cpu', mmap=True, weights_only=True)['config']
+    try:
+        saved = torch.load(path, map_location='cpu', mmap=True, weights_only=True)['config']
+    except Exception as e:  # empty, cut short, or not a checkpoint
+        raise SystemExit(f'error: {path} is damaged ({type(e).__name__}); the checkpoint cannot be resumed')
     changed = [f'{k}={saved[k]!r} saved, {v!r} now' for k, v in cfg.items()
                if k in saved and k not in RESUMABLE and saved[k] != v]
     if changed:
@@ -806,7 +819,10 @@ def load_data(cfg, master, global_micro):
     for key in ('init_from', 'ref_from'):
         if cfg[key]:  # ref_from='' is a copy of init_from
             check_model_path(cfg[key], key)
-    tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: init_from={cfg['init_from']} has no usable tokenizer ({' '.join(str(e).split())})")
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
     settings = dict(tokenizer=tokenizer, max_length=cfg['max_length'], max_prompt_length=cfg['max_prompt_length'],
@@ -860,4 +876,11 @@ def open_log(cfg, out_dir, resume_iter, master):
 
 
 if __name__ == '__main__':
-    train(get_config(sys.argv[1:]))
+    config = get_config(sys.argv[1:])
+    try:
+        train(config)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; a save in progress is finished by the next start
+        manifest = Path(config['out_dir']) / 'checkpoint.json'
+        last = f"iteration {json.loads(manifest.read_text())['iter']}" if manifest.is_file() else 'none yet'
+        raise SystemExit(f"error: interrupted; the last checkpoint in {config['out_dir']}: {last} (--resume=True "
+                         'continues from it)')

@@ -107,7 +107,11 @@ def read_rows(source, split):
         return (None if name is None else splits[name].to_list()), f'{source}[{name or split}]'
     if path.suffix.lower() == '.parquet':
         import datasets
-        return datasets.Dataset.from_parquet(str(path)).to_list(), str(path)
+        try:
+            return datasets.Dataset.from_parquet(str(path)).to_list(), str(path)
+        except Exception as e:  # pyarrow's errors for a damaged or foreign file
+            raise SystemExit(f'error: {path} is not a readable parquet file ({type(e).__name__}: '
+                             f'{" ".join(str(e).split())[:200]})')
     text = read_text(path)
     if path.suffix.lower() == '.json' and text.lstrip().startswith('['):
         try:
@@ -135,8 +139,12 @@ def render_response(tokenizer, prompt, prompt_text, response):
         return response
     full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
     if not full.startswith(prompt_text):
-        raise ValueError('the chat template does not render prompt+response as an extension of the prompt')
+        raise ChatTemplateMismatch('the chat template does not render prompt+response as an extension of the prompt')
     return full[len(prompt_text):]
+
+
+class ChatTemplateMismatch(ValueError):
+    pass
 
 
 def is_valid_unicode(text):
@@ -159,14 +167,14 @@ def render_row(row, tokenizer, need_rejected=True):
         return 'non-text field'
     if isinstance(prompt, list) and not tokenizer.chat_template:
         return 'messages without a chat template'
-    if isinstance(prompt, list):
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    else:
-        prompt_text = prompt
-    try:
+    try:  # templates raise on what they do not take (Llama-2's and Mistral's: roles that do not alternate)
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) \
+            if isinstance(prompt, list) else prompt
         texts = [render_response(tokenizer, prompt, prompt_text, r) for r in responses]
-    except ValueError:
+    except ChatTemplateMismatch:
         return 'chat template mismatch'
+    except Exception:
+        return 'chat template error'
     if not all(is_valid_unicode(t) for t in (prompt_text, *texts)):
         return 'invalid Unicode'
     if not all(t.strip() for t in texts):
@@ -182,8 +190,11 @@ def end_of_turn(tokenizer):
     if not tokenizer.chat_template:
         return ''
     marker = '\x00nanotr\x00'
-    text = tokenizer.apply_chat_template([{'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': marker}],
-                                         tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template([{'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': marker}],
+                                             tokenize=False)
+    except Exception:  # a template that takes no such conversation marks no end of turn we could use
+        return ''
     return text[text.rfind(marker) + len(marker):] if marker in text else ''
 
 
@@ -251,7 +262,11 @@ def encode_row(row, tokenizer, max_length, max_prompt_length, need_rejected=True
         if shorter is None:
             break
         row = dict(row, prompt=shorter)
+    if not prompt_ids:  # a tokenizer without BOS gives an empty prompt no token to predict the response's first from
+        return 'empty prompt'
     prompt_ids, responses = truncate(prompt_ids, responses, max_length, max_prompt_length)
+    if need_rejected and responses[0] == responses[1]:  # chosen == rejected: nothing left to prefer
+        return 'identical after truncation'
     return texts[0], [prompt_ids, *responses]
 
 
@@ -261,16 +276,21 @@ def reward_margins(row, name, index, k):
     where = f'{name} row {index + 1}'
     if 'reward_chosen' not in row or 'reward_rejected' not in row:
         raise SystemExit(f'error: {where} has no reward_chosen/reward_rejected; distillation losses train on pairs '
-                         'labelled by reward models (python judge.py --mode=label)')
+                         'labelled by reward models (python data/label.py)')
     chosen, rejected = (r if isinstance(r, list) else [r] for r in (row['reward_chosen'], row['reward_rejected']))
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in chosen + rejected) \
             or not chosen or len(chosen) != len(rejected):
         raise SystemExit(f'error: {where}: reward_chosen and reward_rejected must be lists of numbers of equal length')
     if k is not None and len(chosen) != k:
         raise SystemExit(f'error: {where} has {len(chosen)} rewards per response, earlier rows have {k}')
-    if not all(map(math.isfinite, chosen + rejected)):
-        raise SystemExit(f'error: {where} has a NaN or infinite reward')
-    return tuple(float(c) - float(r) for c, r in zip(chosen, rejected))
+    try:
+        values = [float(v) for v in chosen + rejected]
+    except OverflowError:  # an integer beyond the float range
+        values = [math.inf]
+    margins = tuple(c - r for c, r in zip(values[:len(chosen)], values[len(chosen):]))
+    if not all(map(math.isfinite, values + list(margins))):
+        raise SystemExit(f'error: {where} has a NaN or infinite reward (or one so large that its margin is)')
+    return margins
 
 
 def load_pairs(source, split, tokenizer, max_length, max_prompt_length, need_rejected=True, verbose=True,

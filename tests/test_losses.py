@@ -250,7 +250,7 @@ def policy_and_ref(tiny_model):
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-    assert train_tr.fsdp_modules(tiny_model) == [] and train_tr.fsdp_modules(ref) == []
+    assert not any(isinstance(m, train_tr.FSDPModule) for m in [*tiny_model.modules(), *ref.modules()])
     return tiny_model, ref
 
 

@@ -1,0 +1,241 @@
+"""A careless hand and a faulty machine, for the trainer and its data path: every case either works as README says or
+stops in one `error:` line before anything is written; nothing a run produced is lost or silently wrong."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import train_tr
+from conftest import REPO, SMALL, TINY, run
+from data import pairs as data_pairs
+
+TOY_SFT = REPO / 'data/toy/sft'
+
+
+def last_error(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    return lines[-1] if lines else ''
+
+
+# -----------------------------------------------------------------------------
+# settings
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(SystemExit, match=r"unknown config key 'max_iter' .*; did you mean max_iters\?$"):
+        train_tr.get_config(['--max_iter=5'])
+
+
+def test_home_in_paths_is_expanded():
+    cfg = train_tr.get_config(['--data=~/prefs.jsonl', '--out_dir=~/runs/a'])
+    assert cfg['data'] == os.path.expanduser('~/prefs.jsonl') and not cfg['out_dir'].startswith('~')
+
+
+@pytest.mark.parametrize('key', ['init_from', 'data'])
+def test_out_dir_over_an_input_is_refused(tmp_path, key):
+    """out_dir equal to init_from overwrote the SFT model's weights with the first checkpoint."""
+    model = tmp_path / 'sft'
+    model.mkdir()
+    for f in TOY_SFT.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    for out_dir in (model, model / 'inner'):
+        cfg = train_tr.get_config([f'--{key}={model}', f'--out_dir={out_dir}'])
+        with pytest.raises(SystemExit, match=f'^error: out_dir={out_dir} is \\(or is inside\\) {key}='):
+            train_tr.check_out_dir(cfg)
+
+
+def test_refused_runs_leave_nothing_behind(tmp_path):
+    """A bad data path, a missing checkpoint to resume or a fresh run into a saved one: no out_dir, no lock appears."""
+    for args in (['--data=missing.jsonl'], ['--resume=True'], ['--init_from=nowhere/model']):
+        proc, _ = run(tmp_path / 'out', *args, check=False)
+        assert proc.returncode == 1 and last_error(proc), proc.stderr[-1000:]
+        assert not (tmp_path / 'out').exists(), args
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    (tmp_path / 'taken').write_text('not a folder')
+    with pytest.raises(SystemExit, match='^error: cannot use out_dir=.*taken: '):
+        train_tr.lock_out_dir(tmp_path / 'taken')
+
+
+def test_model_folder_without_a_tokenizer(tmp_path):
+    model = tmp_path / 'model'
+    model.mkdir()
+    for name in ('config.json', 'model.safetensors'):
+        (model / name).write_bytes((TOY_SFT / name).read_bytes())
+    proc, _ = run(tmp_path / 'out', f'--init_from={model}', check=False)
+    assert last_error(proc).startswith(f'error: init_from={model} has no usable tokenizer')
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: stored once, verified, finished after a kill
+@pytest.fixture
+def saved(tmp_path):
+    """A 1-rank group and a checkpoint at iteration 1 of a plain tiny model, as train() writes it."""
+    train_tr.setup_distributed('cpu')
+    policy = train_tr.load_model(REPO / 'data/tiny/sft')
+    optimizer = torch.optim.AdamW(policy.parameters())
+    tokenizer = AutoTokenizer.from_pretrained(REPO / 'data/tiny/sft')
+    cfg = train_tr.get_config([f'--out_dir={tmp_path}', '--init_from=data/tiny/sft', '--data=data/tiny'])
+    train_tr.save_checkpoint(tmp_path, policy, None, optimizer, tokenizer, 1, cfg, master=True)
+    yield tmp_path, policy, optimizer, tokenizer, cfg
+    torch.distributed.destroy_process_group()
+
+
+def test_the_policy_is_stored_once(saved):
+    out_dir = saved[0]
+    state = torch.load(out_dir / 'state.pt', weights_only=True)
+    assert set(state) == {'ref', 'optimizer', 'iter', 'config'}  # no policy copy, no unused RNG state
+    manifest = json.loads((out_dir / 'checkpoint.json').read_text())
+    assert manifest['iter'] == 1 and set(manifest['sha256']) >= {'model.safetensors', 'state.pt', 'config.json'}
+    assert manifest['sha256']['state.pt'] == data_pairs.sha256(out_dir / 'state.pt')
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate', 'empty', 'delete'])
+@pytest.mark.parametrize('name', ['model.safetensors', 'state.pt'])
+def test_a_damaged_checkpoint_is_not_resumed(saved, name, damage):
+    out_dir, cfg = saved[0], saved[4]
+    path = out_dir / name
+    data = path.read_bytes()
+    if damage == 'delete':
+        path.unlink()
+    else:
+        path.write_bytes({'flip': data[:-100] + bytes([data[-100] ^ 1]) + data[-99:], 'truncate': data[:len(data) // 2],
+                          'empty': b''}[damage])
+    with pytest.raises(SystemExit, match='^error: .*(damaged|changed since it was saved|does not exist)'):
+        train_tr.open_out_dir({**cfg, 'resume': True}, master=True)
+
+
+def test_a_kill_while_moving_is_finished_at_the_next_start(saved, monkeypatch):
+    """Killed after the new weights were moved in but before state.pt: out_dir mixes iterations 2 and 1, until the next
+    start completes the move; then the checksums hold and resume reads iteration 2."""
+    out_dir, policy, optimizer, tokenizer, cfg = saved
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)  # iteration 2's weights differ everywhere
+    real_replace = train_tr.os.replace
+
+    def crash_on_state(src, dst):
+        if Path(src).name == 'state.pt':
+            raise KeyboardInterrupt('killed before state.pt was moved')
+        real_replace(src, dst)
+    monkeypatch.setattr(train_tr.os, 'replace', crash_on_state)
+    with pytest.raises(KeyboardInterrupt):
+        train_tr.save_checkpoint(out_dir, policy, None, optimizer, tokenizer, 2, cfg, master=True)
+    monkeypatch.setattr(train_tr.os, 'replace', real_replace)
+    with pytest.raises(SystemExit, match='changed since it was saved'):
+        train_tr.check_checksums(out_dir)  # as it stands, the folder is a mix
+    lock = train_tr.open_out_dir({**cfg, 'resume': True}, master=True)
+    lock.close()
+    assert torch.load(out_dir / 'state.pt', weights_only=True)['iter'] == 2
+    assert not (out_dir / '.tmp_checkpoint').exists()
+
+
+def test_an_incomplete_save_is_discarded(saved):
+    """A kill before checkpoint.json was written leaves a partial .tmp_checkpoint: it is deleted, the old one stays."""
+    out_dir, cfg = saved[0], saved[4]
+    (out_dir / '.tmp_checkpoint').mkdir()
+    (out_dir / '.tmp_checkpoint' / 'model.safetensors').write_bytes(b'half')
+    train_tr.open_out_dir({**cfg, 'resume': True}, master=True).close()
+    assert not (out_dir / '.tmp_checkpoint').exists()
+    assert torch.load(out_dir / 'state.pt', weights_only=True)['iter'] == 1
+
+
+SCRIPT = '''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train_tr
+train_tr.setup_distributed('cpu')
+try:
+    loss = torch.tensor(float('nan') if dist.get_rank() == 1 else 0.25)
+    train_tr.stop_if_not_finite(loss, torch.tensor(3.0), 7)  # the norm is already global, as clip_grad_norm_ gives it
+except SystemExit as e:
+    print(f'rank {{dist.get_rank()}}: {{e}}')
+'''
+
+
+def test_a_non_finite_step_reports_the_global_norm_on_two_processes(tmp_path):
+    """The norm was all-reduced again (reported as world × norm); a NaN on one rank stops both."""
+    script = tmp_path / 'stop.py'
+    script.write_text(SCRIPT.format(repo=str(REPO)))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(script)], capture_output=True, text=True, timeout=300, env=dict(os.environ,
+                                                                                              OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for rank in (0, 1):
+        assert f'rank {rank}: error: iteration 7: loss nan, gradient norm 3;' in proc.stdout
+
+
+def test_ctrl_c_is_one_line_naming_the_last_checkpoint(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    proc = subprocess.Popen([sys.executable, 'train_tr.py', f'--out_dir={tmp_path}', *TINY, *SMALL,
+                             '--max_iters=100000', '--eval_interval=2'], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (tmp_path / 'checkpoint.json').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    saved = json.loads((tmp_path / 'checkpoint.json').read_text())['iter']
+    assert proc.returncode == 1 and 'Traceback' not in stderr, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f'error: interrupted; the last checkpoint in {tmp_path}: iteration ') and saved >= 2
+    proc, records = run(tmp_path, *TINY, *SMALL, '--max_iters=100000', '--eval_interval=2', '--resume=True',
+                        f'--max_iters={saved + 1}')
+    assert records[-1]['iter'] == saved + 1
+
+
+# -----------------------------------------------------------------------------
+# rows that would train on something else than they say
+def test_an_empty_prompt_is_skipped_not_read_from_its_neighbour(tokenizer):
+    """With a tokenizer that adds no BOS, an empty prompt has no ids: its response's first token was predicted from
+    the previous row's last position (flat index −1), so its log-prob depended on the batch."""
+    assert tokenizer('').input_ids == []
+    assert data_pairs.encode_row({'prompt': '', 'chosen': ' a', 'rejected': ' b'}, tokenizer, 64, 32) == 'empty prompt'
+
+
+def test_responses_identical_after_truncation_are_skipped(tokenizer):
+    row = {'prompt': 'Q', 'chosen': ' a b c d e', 'rejected': ' a b c d f'}
+    assert data_pairs.encode_row(row, tokenizer, 64, 32) != 'identical after truncation'
+    assert data_pairs.encode_row(row, tokenizer, 4, 2) == 'identical after truncation'
+
+
+def test_a_chat_template_that_raises_skips_the_row(tmp_path):
+    """Llama-2's and Mistral's templates raise on roles that do not alternate: such a row is skipped and counted."""
+    tok = AutoTokenizer.from_pretrained(REPO / 'data/tiny/base')
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}\n{% endfor %}")
+    good = {'prompt': [{'role': 'user', 'content': 'hi'}], 'chosen': ' a', 'rejected': ' b'}
+    bad = {'prompt': [{'role': 'user', 'content': 'hi'}, {'role': 'user', 'content': 'again'}], 'chosen': ' a',
+           'rejected': ' b'}
+    assert data_pairs.render_row(bad, tok) == 'chat template error'
+    path = tmp_path / 'chat.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in (good, bad, good)))
+    assert len(data_pairs.load_pairs(str(path), 'train', tok, 64, 32, verbose=False)) == 2
+
+
+def test_a_corrupt_parquet_file_is_one_line(tmp_path):
+    path = tmp_path / 'train.parquet'
+    path.write_bytes(b'PAR1' + os.urandom(64) + b'PAR1')
+    with pytest.raises(SystemExit, match=f'^error: {path} is not a readable parquet file'):
+        data_pairs.read_rows(str(path), 'train')
+
+
+@pytest.mark.parametrize('chosen, rejected', [(10 ** 400, 0), (1e308, -1e308)])
+def test_huge_reward_labels_are_one_line(chosen, rejected):
+    row = {'reward_chosen': [chosen], 'reward_rejected': [rejected]}
+    with pytest.raises(SystemExit, match='^error: labels row 3 has a NaN or infinite reward'):
+        data_pairs.reward_margins(row, 'labels', 2, None)
+
+
+def test_foreign_lines_in_metrics_are_dropped_on_resume(tmp_path):
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"iter": 1, "loss": 0.5}\n["not", "a", "record"]\n{"note": "by hand"}\n7\n{"iter": 2}\n')
+    train_tr.open_metrics(path, 1).close()
+    assert path.read_text() == '{"iter": 1, "loss": 0.5}\n'
