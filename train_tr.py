@@ -28,14 +28,10 @@ same for distill, edistill and pdpo (trust-region distillation, a combination ne
 Run `python train_tr.py` (TR-DPO on the toy in data/toy, ~15 s on a CPU) or `torchrun ... train_tr.py config.py
 --key=value ...`: every setting below can be overridden (--help lists them); README.md has the recipes.
 """
-import ast
 import copy
-import difflib
 import fcntl
 import json
-import math
 import os
-import re
 import resource
 import shutil
 import sys
@@ -55,8 +51,9 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data.pairs import (RUN_STATE, layout, load_pairs, make_batch, note_evaluation, padding_id, read_jsonl, sha256,
-                        step_pair_indices, truncate)
+from data.pairs import (RUN_STATE, check_model_path, layout, load_pairs, load_tokenizer, make_batch, note_evaluation,
+                        padding_id, read_jsonl, sha256, step_pair_indices, truncate)
+from data.settings import check_settings, one_of, parse_overrides
 
 # -----------------------------------------------------------------------------
 # config: defaults run TR-DPO on the toy that data/toy ships; the comments give the papers' values
@@ -374,84 +371,7 @@ def train(cfg):
 
 
 # =============================================================================
-# plumbing: the command line, processes and devices, models, checkpoints and logs
-def parse_overrides(argv, defaults, source):
-    """The defaults, then each argument in order: a config file (`name.py` of `key = value` lines, run as Python; its
-    other names are its own) or --key=value (a Python literal, else text; a string setting always takes the text).
-    Unknown keys (with the nearest known one), values of another type than the default and anything else stop in one
-    `error:` line; -h/--help prints the settings of `source`, the script the defaults belong to."""
-    if {'-h', '--help'} & set(argv):
-        print(settings_help(source, defaults))
-        raise SystemExit(0)
-    cfg = dict(defaults)
-    for arg in argv:
-        if '=' in arg:
-            key, value = arg.removeprefix('--').split('=', 1)
-            overrides = {key: value if isinstance(cfg.get(key), str) else python_literal(value)}
-        elif not (arg.endswith('.py') and Path(arg).is_file()):  # `train_tr.py data.jsonl` must not run as Python
-            raise SystemExit(f'error: {arg}: settings are given as --key=value (--help lists them)' if arg[0] == '-'
-                             else f'error: config file {arg} not found' if arg.endswith('.py') else
-                             f'error: {arg} is not a config file (a .py file of `key = value` lines); data is given '
-                             f'as --data={arg}')
-        else:
-            namespace = {}
-            try:
-                exec(Path(arg).read_text(), namespace)
-            except Exception as e:
-                raise SystemExit(f'error: config file {arg}: {type(e).__name__}: {e}')
-            overrides = {k: v for k, v in namespace.items()  # a setting set to None is checked, and refused
-                         if k in cfg or (not k.startswith('_') and isinstance(v, (bool, int, float, str)))}
-        for key, value in overrides.items():
-            if key not in cfg:
-                near = difflib.get_close_matches(key, cfg, n=1)
-                raise SystemExit(f'error: unknown config key {key!r} (from {arg!r})' +
-                                 (f'; did you mean {near[0]}?' if near else f'; known keys: {", ".join(cfg)}'))
-            if isinstance(cfg[key], float) and type(value) is int:
-                value = float(value)
-            if type(value) is not type(cfg[key]):
-                raise SystemExit(f'error: {key} must be {type(cfg[key]).__name__}, got {value!r} (from {arg!r})')
-            cfg[key] = os.path.expanduser(value) if isinstance(value, str) and value.startswith('~') else value
-    return cfg
-
-
-def python_literal(text):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # for the type check to name
-
-
-def settings_help(source, defaults):
-    """--help: the first paragraph of the script's docstring, then each setting with its default as written in
-    `source` and the comment on its line there (the one place a setting is described)."""
-    docstring, _, code = Path(source).read_text().partition('"""')[2].partition('"""')
-    written = {}  # setting -> (its default as written, the comment of its line)
-    for line in code.split('\n'):
-        settings, _, comment = line.partition('  #')
-        for key, value in re.findall(r"(\w+)\s*=\s*('[^']*'|[^,\s]+)", settings if comment else ''):
-            written.setdefault(key, (value, comment.strip()))
-    shown = {k: (v or "''") if isinstance(v, str) else written.get(k, (repr(v),))[0] for k, v in defaults.items()}
-    rows = [(f'--{k}={shown[k]}', written.get(k, ('', ''))[1]) for k in defaults]
-    width = max(len(flag) for flag, _ in rows)
-    return '\n'.join([docstring.strip().split('\n\n')[0], '',
-                      f'usage: python {Path(source).name} [config.py ...] [--key=value ...]   (settings, defaults):',
-                      *(f'  {flag:<{width}}  {meaning}'.rstrip() for flag, meaning in rows)])
-
-
-def check_settings(cfg, valid):
-    """Stops in one line on a setting outside its valid values: `valid` maps settings to (test, what it must be)."""
-    for key, value in cfg.items():
-        test, what = valid.get(key, (lambda v: True, ''))
-        if isinstance(value, float) and not math.isfinite(value):
-            raise SystemExit(f'error: {key} must be finite, got {value}')
-        if not test(value):
-            raise SystemExit(f'error: {key} must be {what}, got {value!r}')
-
-
-def one_of(*options):
-    return lambda v: v in options, 'one of ' + ', '.join(options)
-
-
+# plumbing: the settings' checks, processes and devices, models, checkpoints and logs
 AT_LEAST_1, NOT_NEGATIVE = (lambda v: v >= 1, '>= 1'), (lambda v: v >= 0, '>= 0')
 VALID = {  # setting: (test of its value, what it must be); checked before out_dir or any model is touched
     'loss': one_of(*LOSSES), 'ref_update': one_of('none', 'soft', 'hard'), 'device': one_of(*DEVICES),
@@ -486,20 +406,6 @@ def resolve_device(name):
         raise SystemExit(f'error: device=cuda, but this torch ({torch.__version__}) sees no CUDA device (a CPU-only '
                          'build, or no GPU visible); use device=cpu or device=auto')
     return torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name)
-
-
-def check_model_path(name, setting):
-    """Stops in one line on a model that is neither an HF model folder here nor loadable from the hub (transformers
-    would report a missing folder as 'Repo id must be in the form ...')."""
-    from transformers import AutoConfig
-    if not Path(name).exists() and (name.startswith('.') or not re.fullmatch(r'[\w.-]+(/[\w.-]+)?', name)):
-        raise SystemExit(f'error: {setting}={name} not found (no such folder)')
-    try:
-        AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        where = 'the folder is not an HF model' if Path(name).exists() else \
-            'no such folder, and not loadable from the hub'
-        raise SystemExit(f'error: {setting}={name}: {where} ({" ".join(str(e).split())})')
 
 
 def setup_distributed(device_name):
@@ -739,8 +645,7 @@ def commit_checkpoint(out_dir):
 
 
 def load_checkpoint(out_dir, ref, optimizer, policy):
-    """Restores the reference and the optimizer of a save_checkpoint state on every rank (the policy was loaded from
-    out_dir's HF model) and returns the iteration to continue from."""
+    """Restores the reference and the optimizer on every rank (the policy is out_dir's HF model); returns the step."""
     state = torch.load(Path(out_dir) / 'state.pt', map_location='cpu', mmap=True, weights_only=True)
     if ref is not None:
         set_model_state_dict(ref, state['ref'], options=StateDictOptions(full_state_dict=True))
@@ -804,8 +709,7 @@ def print0(*args):  # on rank 0 only, through tqdm so that a progress bar stays 
         tqdm.write(' '.join(map(str, args)))
 
 
-def micro_batch_size(cfg, world):
-    """Pairs per micro-batch of each process: batch_size / (world_size · grad_accum), which must be whole."""
+def micro_batch_size(cfg, world):  # pairs per micro-batch of each process
     micro_size, rest = divmod(cfg['batch_size'], world * cfg['grad_accum'])
     if rest or micro_size == 0:
         raise SystemExit(f"error: batch_size={cfg['batch_size']} must be a multiple of "
@@ -815,16 +719,10 @@ def micro_batch_size(cfg, world):
 
 def load_data(cfg, master, global_micro):
     """(tokenizer, train Pairs, held-out Pairs or None), with the responses and labels that the loss reads."""
-    from transformers import AutoTokenizer
     for key in ('init_from', 'ref_from'):
         if cfg[key]:  # ref_from='' is a copy of init_from
             check_model_path(cfg[key], key)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
-    except (OSError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: init_from={cfg['init_from']} has no usable tokenizer ({' '.join(str(e).split())})")
-    if tokenizer.eos_token_id is None:
-        raise SystemExit(f"error: the tokenizer of {cfg['init_from']} has no EOS token")
+    tokenizer = load_tokenizer(cfg['init_from'], 'init_from')
     settings = dict(tokenizer=tokenizer, max_length=cfg['max_length'], max_prompt_length=cfg['max_prompt_length'],
                     need_rejected=LOSSES[cfg['loss']].pairs, verbose=master, need_rewards=LOSSES[cfg['loss']].labels)
     train_pairs, eval_pairs = (load_pairs(cfg['data'], split, required=split == 'train', **settings)

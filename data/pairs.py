@@ -128,6 +128,32 @@ def read_rows(source, split):
     return rows, str(path)
 
 
+def check_model_path(name, setting):
+    """Stops in one line on a model that is neither an HF model folder here nor loadable from the hub (transformers
+    would report a missing folder as 'Repo id must be in the form ...')."""
+    from transformers import AutoConfig
+    if not Path(name).exists() and (name.startswith('.') or not re.fullmatch(r'[\w.-]+(/[\w.-]+)?', name)):
+        raise SystemExit(f'error: {setting}={name} not found (no such folder)')
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        where = 'the folder is not an HF model' if Path(name).exists() else \
+            'no such folder, and not loadable from the hub'
+        raise SystemExit(f'error: {setting}={name}: {where} ({" ".join(str(e).split())})')
+
+
+def load_tokenizer(name, setting):
+    """The model's tokenizer, which must define EOS (every response ends with it); one line if there is none."""
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: {setting}={name} has no usable tokenizer ({' '.join(str(e).split())})")
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f'error: the tokenizer of {setting}={name} has no EOS token')
+    return tokenizer
+
+
 def is_messages(value):
     return (isinstance(value, list) and len(value) > 0 and all(
         isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str) for m in value))
