@@ -64,6 +64,11 @@ def test_failure_while_moving_leaves_every_file_whole(saved, monkeypatch):
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir)
     torch.testing.assert_close(reloaded.model.norm.weight, policy.model.norm.weight)
     monkeypatch.setattr(train_tr.os, 'replace', real_replace)
+    with pytest.raises(SystemExit, match='changed since it was saved'):
+        train_tr.check_checksums(out_dir)  # as it stands, out_dir mixes iterations 2 and 1: resume would refuse it
+    train_tr.open_out_dir(train_tr.get_config([f'--out_dir={out_dir}', '--resume=True']), master=True).close()
+    assert torch.load(out_dir / 'state.pt', weights_only=True)['iter'] == 2  # the next start finished the move
+    train_tr.check_checksums(out_dir)
     train_tr.save_checkpoint(out_dir, policy, None, optimizer, tokenizer, 3, {}, master=True)
     assert torch.load(out_dir / 'state.pt', weights_only=True)['iter'] == 3
     assert not (out_dir / '.tmp_checkpoint').exists()
@@ -156,3 +161,41 @@ def test_metrics_of_a_resumed_run_drop_a_torn_line(tmp_path):
     assert path.read_text() == '{"iter": 1, "loss": 0.5}\n{"iter": 2, "loss": 0.4}\n{"iter": 3, "loss": 0.25}\n'
     train_tr.open_metrics(path, None).close()  # a fresh run starts empty
     assert path.read_text() == ''
+
+
+# -----------------------------------------------------------------------------
+# the policy stored once; a damaged or partial checkpoint
+def test_the_policy_is_stored_once(saved):
+    out_dir = saved[0]
+    state = torch.load(out_dir / 'state.pt', weights_only=True)
+    assert set(state) == {'ref', 'optimizer', 'iter', 'config'}  # no policy copy, no unused RNG state
+    manifest = json.loads((out_dir / 'checkpoint.json').read_text())
+    assert manifest['iter'] == 1 and set(manifest['sha256']) >= {'model.safetensors', 'state.pt', 'config.json'}
+    assert manifest['sha256']['state.pt'] == train_tr.sha256(out_dir / 'state.pt')
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate', 'empty', 'delete'])
+@pytest.mark.parametrize('name', ['model.safetensors', 'state.pt'])
+def test_a_damaged_checkpoint_is_not_resumed(saved, name, damage):
+    out_dir = saved[0]
+    cfg = train_tr.get_config([f'--out_dir={out_dir}'])
+    path = out_dir / name
+    data = path.read_bytes()
+    if damage == 'delete':
+        path.unlink()
+    else:
+        path.write_bytes({'flip': data[:-100] + bytes([data[-100] ^ 1]) + data[-99:], 'truncate': data[:len(data) // 2],
+                          'empty': b''}[damage])
+    with pytest.raises(SystemExit, match='^error: .*(damaged|changed since it was saved|does not exist)'):
+        train_tr.open_out_dir({**cfg, 'resume': True}, master=True)
+
+
+def test_an_incomplete_save_is_discarded(saved):
+    """A kill before checkpoint.json was written leaves a partial .tmp_checkpoint: it is deleted, the old one stays."""
+    out_dir = saved[0]
+    cfg = train_tr.get_config([f'--out_dir={out_dir}'])
+    (out_dir / '.tmp_checkpoint').mkdir()
+    (out_dir / '.tmp_checkpoint' / 'model.safetensors').write_bytes(b'half')
+    train_tr.open_out_dir({**cfg, 'resume': True}, master=True).close()
+    assert not (out_dir / '.tmp_checkpoint').exists()
+    assert torch.load(out_dir / 'state.pt', weights_only=True)['iter'] == 1

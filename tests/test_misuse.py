@@ -6,10 +6,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 import train_tr
@@ -71,80 +69,6 @@ def test_model_folder_without_a_tokenizer(tmp_path):
         (model / name).write_bytes((TOY_SFT / name).read_bytes())
     proc, _ = run(tmp_path / 'out', f'--init_from={model}', check=False)
     assert last_error(proc).startswith(f'error: init_from={model} has no usable tokenizer')
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: stored once, verified, finished after a kill
-@pytest.fixture
-def saved(tmp_path):
-    """A 1-rank group and a checkpoint at iteration 1 of a plain tiny model, as train() writes it."""
-    train_tr.setup_distributed('cpu')
-    policy = train_tr.load_model(REPO / 'data/tiny/sft')
-    optimizer = torch.optim.AdamW(policy.parameters())
-    tokenizer = AutoTokenizer.from_pretrained(REPO / 'data/tiny/sft')
-    cfg = train_tr.get_config([f'--out_dir={tmp_path}', '--init_from=data/tiny/sft', '--data=data/tiny'])
-    train_tr.save_checkpoint(tmp_path, policy, None, optimizer, tokenizer, 1, cfg, master=True)
-    yield tmp_path, policy, optimizer, tokenizer, cfg
-    torch.distributed.destroy_process_group()
-
-
-def test_the_policy_is_stored_once(saved):
-    out_dir = saved[0]
-    state = torch.load(out_dir / 'state.pt', weights_only=True)
-    assert set(state) == {'ref', 'optimizer', 'iter', 'config'}  # no policy copy, no unused RNG state
-    manifest = json.loads((out_dir / 'checkpoint.json').read_text())
-    assert manifest['iter'] == 1 and set(manifest['sha256']) >= {'model.safetensors', 'state.pt', 'config.json'}
-    assert manifest['sha256']['state.pt'] == data_pairs.sha256(out_dir / 'state.pt')
-
-
-@pytest.mark.parametrize('damage', ['flip', 'truncate', 'empty', 'delete'])
-@pytest.mark.parametrize('name', ['model.safetensors', 'state.pt'])
-def test_a_damaged_checkpoint_is_not_resumed(saved, name, damage):
-    out_dir, cfg = saved[0], saved[4]
-    path = out_dir / name
-    data = path.read_bytes()
-    if damage == 'delete':
-        path.unlink()
-    else:
-        path.write_bytes({'flip': data[:-100] + bytes([data[-100] ^ 1]) + data[-99:], 'truncate': data[:len(data) // 2],
-                          'empty': b''}[damage])
-    with pytest.raises(SystemExit, match='^error: .*(damaged|changed since it was saved|does not exist)'):
-        train_tr.open_out_dir({**cfg, 'resume': True}, master=True)
-
-
-def test_a_kill_while_moving_is_finished_at_the_next_start(saved, monkeypatch):
-    """Killed after the new weights were moved in but before state.pt: out_dir mixes iterations 2 and 1, until the next
-    start completes the move; then the checksums hold and resume reads iteration 2."""
-    out_dir, policy, optimizer, tokenizer, cfg = saved
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(1.0)  # iteration 2's weights differ everywhere
-    real_replace = train_tr.os.replace
-
-    def crash_on_state(src, dst):
-        if Path(src).name == 'state.pt':
-            raise KeyboardInterrupt('killed before state.pt was moved')
-        real_replace(src, dst)
-    monkeypatch.setattr(train_tr.os, 'replace', crash_on_state)
-    with pytest.raises(KeyboardInterrupt):
-        train_tr.save_checkpoint(out_dir, policy, None, optimizer, tokenizer, 2, cfg, master=True)
-    monkeypatch.setattr(train_tr.os, 'replace', real_replace)
-    with pytest.raises(SystemExit, match='changed since it was saved'):
-        train_tr.check_checksums(out_dir)  # as it stands, the folder is a mix
-    lock = train_tr.open_out_dir({**cfg, 'resume': True}, master=True)
-    lock.close()
-    assert torch.load(out_dir / 'state.pt', weights_only=True)['iter'] == 2
-    assert not (out_dir / '.tmp_checkpoint').exists()
-
-
-def test_an_incomplete_save_is_discarded(saved):
-    """A kill before checkpoint.json was written leaves a partial .tmp_checkpoint: it is deleted, the old one stays."""
-    out_dir, cfg = saved[0], saved[4]
-    (out_dir / '.tmp_checkpoint').mkdir()
-    (out_dir / '.tmp_checkpoint' / 'model.safetensors').write_bytes(b'half')
-    train_tr.open_out_dir({**cfg, 'resume': True}, master=True).close()
-    assert not (out_dir / '.tmp_checkpoint').exists()
-    assert torch.load(out_dir / 'state.pt', weights_only=True)['iter'] == 1
 
 
 SCRIPT = '''
