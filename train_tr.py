@@ -31,6 +31,7 @@ Run `python train_tr.py` (TR-DPO on the toy in data/toy, ~15 s on a CPU) or `tor
 import copy
 import fcntl
 import json
+import math
 import os
 import resource
 import shutil
@@ -51,8 +52,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data.pairs import (RUN_STATE, check_model_path, layout, load_pairs, load_tokenizer, make_batch, note_evaluation,
-                        padding_id, read_jsonl, sha256, step_pair_indices, truncate)
+from data.pairs import (DATA_SUFFIXES, RUN_STATE, check_model_path, fingerprint, layout, load_pairs, load_tokenizer,
+                        make_batch, note_evaluation, padding_id, read_jsonl, sha256, step_pair_indices, truncate)
 from data.settings import check_settings, one_of, parse_overrides
 
 # -----------------------------------------------------------------------------
@@ -292,6 +293,8 @@ def train(cfg):
     torch.manual_seed(cfg['seed'])  # the reward model's score head; nothing else draws from torch's generator
     # every input is checked before out_dir is touched
     tokenizer, train_pairs, eval_pairs = load_data(cfg, master, world * micro_size)
+    # what the pairs were read from, checked at resume like the settings: the same path may hold other data by then
+    cfg = {**cfg, 'data_fingerprint': fingerprint(cfg['data'], DATA_SUFFIXES)}
     pad_id = padding_id(tokenizer)
     out_dir, lock = Path(cfg['out_dir']), open_out_dir(cfg, master)
     policy, ref, compute_dtype = load_models(cfg, device, world)
@@ -299,6 +302,8 @@ def train(cfg):
     # fused: one kernel over all parameters, ~5x faster than the default per-tensor loop (SmolLM2 on a CPU: 0.08 s)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
     start_iter = load_checkpoint(out_dir, ref, optimizer, policy) if cfg['resume'] else 0
+    if start_iter >= cfg['max_iters']:
+        print0(f"note: the saved run is at iteration {start_iter}, max_iters={cfg['max_iters']}: nothing to train")
     log = open_log(cfg, out_dir, start_iter if cfg['resume'] else None, master)
     print0(f'{n_params / 1e6:.2f}M parameters, world size {world}, {micro_size} pairs per micro-batch, '
            f'compute dtype {compute_dtype}, device {device}')
@@ -719,10 +724,17 @@ def micro_batch_size(cfg, world):  # pairs per micro-batch of each process
 
 def load_data(cfg, master, global_micro):
     """(tokenizer, train Pairs, held-out Pairs or None), with the responses and labels that the loss reads."""
+    from transformers import AutoConfig
     for key in ('init_from', 'ref_from'):
         if cfg[key]:  # ref_from='' is a copy of init_from
             check_model_path(cfg[key], key)
     tokenizer = load_tokenizer(cfg['init_from'], 'init_from')
+    if cfg['ref_from'] and load_tokenizer(cfg['ref_from'], 'ref_from').get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"error: ref_from={cfg['ref_from']} has another vocabulary than init_from: log-ratios of the "
+                         'same token ids would compare different text')
+    limit = getattr(AutoConfig.from_pretrained(cfg['init_from']), 'max_position_embeddings', None) or math.inf
+    if cfg['max_length'] > limit:
+        raise SystemExit(f"error: max_length={cfg['max_length']} is over the {limit} positions of {cfg['init_from']}")
     settings = dict(tokenizer=tokenizer, max_length=cfg['max_length'], max_prompt_length=cfg['max_prompt_length'],
                     need_rejected=LOSSES[cfg['loss']].pairs, verbose=master, need_rewards=LOSSES[cfg['loss']].labels)
     train_pairs, eval_pairs = (load_pairs(cfg['data'], split, required=split == 'train', **settings)
@@ -766,8 +778,11 @@ def open_log(cfg, out_dir, resume_iter, master):
         wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg)
 
     def log(record):
-        with open(path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:  # a full disk
+            raise SystemExit(f'error: cannot write {path} ({e.strerror or e}); the last checkpoint in {out_dir} is whole')
         if wandb is not None:
             wandb.log(record, step=record['iter'])
     return log

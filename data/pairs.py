@@ -28,14 +28,14 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def fingerprint(source):
+def fingerprint(source, suffixes=None):
     """A short sha256 of what a path holds, so that an output made from it can tell when it changed: a file's bytes,
-    or a folder's top-level files (names and bytes; hidden files and the run state beside a model left out). Anything
-    else, a hub name, is taken by its name."""
+    or a folder's top-level files (names and bytes; hidden files, the run state beside a model, and files whose suffix
+    is not in `suffixes` when given, left out). Anything else, a hub name, is taken by its name."""
     path = Path(source).expanduser()
     files = [path] if path.is_file() else sorted(
-        f for f in path.iterdir() if f.is_file() and f.name not in RUN_STATE and not f.name.startswith('.')) \
-        if path.is_dir() else []
+        f for f in path.iterdir() if f.is_file() and f.name not in RUN_STATE and not f.name.startswith('.')
+        and (suffixes is None or f.suffix.lower() in suffixes)) if path.is_dir() else []
     digest = hashlib.sha256(b'' if files else f'name:{source}'.encode())
     for f in files:
         digest.update(f'{f.name}:{sha256(f)}\n'.encode())

@@ -163,3 +163,38 @@ def test_foreign_lines_in_metrics_are_dropped_on_resume(tmp_path):
     path.write_text('{"iter": 1, "loss": 0.5}\n["not", "a", "record"]\n{"note": "by hand"}\n7\n{"iter": 2}\n')
     train_tr.open_metrics(path, 1).close()
     assert path.read_text() == '{"iter": 1, "loss": 0.5}\n'
+
+
+# -----------------------------------------------------------------------------
+# inputs that would make a run silently wrong
+def test_resume_refuses_other_data_at_the_same_path(tmp_path):
+    """The saved run's pairs came from the data as it was; a resume on a changed file would train on other pairs."""
+    data = tmp_path / 'data'
+    data.mkdir()
+    rows = (REPO / 'data/tiny/train.jsonl').read_text().splitlines(keepends=True)
+    (data / 'train.jsonl').write_text(''.join(rows[:40]))
+    args = ['--init_from=data/tiny/sft', f'--data={data}', '--batch_size=4', '--eval_interval=2', '--log_interval=1']
+    run(tmp_path / 'out', *args, '--max_iters=2')
+    (data / 'train.jsonl').write_text(''.join(rows[40:80]))
+    proc, _ = run(tmp_path / 'out', *args, '--max_iters=4', '--resume=True', check=False)
+    assert "data_fingerprint=" in last_error(proc) and 'saved' in last_error(proc)
+    (data / 'train.jsonl').write_text(''.join(rows[:40]))  # the same bytes again: the run continues
+    _, records = run(tmp_path / 'out', *args, '--max_iters=4', '--resume=True')
+    assert records[-1]['iter'] == 4
+
+
+def test_a_finished_run_resumed_to_fewer_steps_says_so(tmp_path):
+    run(tmp_path, *TINY, *SMALL, '--max_iters=2')
+    proc, _ = run(tmp_path, *TINY, *SMALL, '--max_iters=1', '--resume=True')
+    assert 'note: the saved run is at iteration 2, max_iters=1: nothing to train' in proc.stdout
+
+
+def test_max_length_beyond_the_models_positions(tmp_path):
+    proc, _ = run(tmp_path / 'out', *TINY, '--max_length=4096', '--max_prompt_length=64', check=False)
+    assert last_error(proc) == 'error: max_length=4096 is over the 512 positions of data/tiny/sft'
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_reference_with_another_vocabulary(tmp_path):
+    proc, _ = run(tmp_path / 'out', *TINY, '--ref_from=data/toy/sft', check=False)
+    assert last_error(proc).startswith('error: ref_from=data/toy/sft has another vocabulary than init_from')
