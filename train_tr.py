@@ -563,7 +563,8 @@ def check_out_dir(cfg):
     to continue; a resumed run needs a whole checkpoint (every file as its checkpoint.json lists it) saved with the
     same settings, apart from those in RESUMABLE."""
     out_dir = Path(cfg['out_dir']).resolve()
-    inputs = {key: Path(cfg[key]).resolve() for key in ('init_from', 'ref_from', 'data') if Path(cfg[key]).exists()}
+    inputs = {key: Path(cfg[key]).resolve() for key in ('init_from', 'ref_from', 'data')
+              if cfg[key] and Path(cfg[key]).exists()}  # ref_from='' is no path: Path('') would be the working dir
     for key, path in inputs.items():  # a checkpoint written there would overwrite that model or mix into that data
         if out_dir in (path, path.parent if path.is_file() else path) or path in out_dir.parents:
             raise SystemExit(f"error: out_dir={cfg['out_dir']} is (or is inside) {key}={cfg[key]}; the run would write "

@@ -48,6 +48,12 @@ def test_out_dir_over_an_input_is_refused(tmp_path, key):
             train_tr.check_out_dir(cfg)
 
 
+def test_out_dir_beside_the_inputs_is_fine(monkeypatch):
+    monkeypatch.chdir(REPO)  # the default run: out_dir='out' next to data/toy, ref_from='' (no path)
+    train_tr.check_out_dir(train_tr.get_config(['--out_dir=out/x']))
+    train_tr.check_out_dir(train_tr.get_config(['--out_dir=data/tiny_runs', '--data=data/tiny/train.jsonl']))
+
+
 def test_refused_runs_leave_nothing_behind(tmp_path):
     """A bad data path, a missing checkpoint to resume or a fresh run into a saved one: no out_dir, no lock appears."""
     for args in (['--data=missing.jsonl'], ['--resume=True'], ['--init_from=nowhere/model']):
