@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data.pairs import (DATA_SUFFIXES, RUN_STATE, check_model_path, fingerprint, layout, load_pairs, load_tokenizer,
+from data.pairs import (RUN_STATE, check_model_path, fingerprint, layout, load_pairs, load_tokenizer,
                         make_batch, note_evaluation, padding_id, read_jsonl, sha256, step_pair_indices, truncate)
 from data.settings import check_settings, one_of, parse_overrides
 
@@ -179,7 +179,7 @@ def pdpo_loss(x, cfg):
 #   pairs       the rejected responses too (else: chosen only, averaged over tokens)
 #   rm          the policy is a reward model: its rewards r(x, y) instead of log-probs
 #   reference   the reference's log-probs (and the trust-region update moves it)
-#   labels      the reward models' margins Δr_i from the data (judge.py mode=label)
+#   labels      the reward models' margins Δr_i from the data (data/label.py)
 #   mismatched  KTO's z, from mismatched pairs (x_i, y_{i+1}) of the step (kto_baseline)
 #   pessimism   adds γ·KL(π_ref‖π_θ), logged as forward_kl
 Loss = namedtuple('Loss', 'fn pairs rm reference labels mismatched pessimism')
@@ -294,7 +294,7 @@ def train(cfg):
     # every input is checked before out_dir is touched
     tokenizer, train_pairs, eval_pairs = load_data(cfg, master, world * micro_size)
     # what the pairs were read from, checked at resume like the settings: the same path may hold other data by then
-    cfg = {**cfg, 'data_fingerprint': fingerprint(cfg['data'], DATA_SUFFIXES)}
+    cfg = {**cfg, 'data_fingerprint': fingerprint(cfg['data'], splits=True)}
     pad_id = padding_id(tokenizer)
     out_dir, lock = Path(cfg['out_dir']), open_out_dir(cfg, master)
     policy, ref, compute_dtype = load_models(cfg, device, world)
@@ -545,7 +545,7 @@ def lock_out_dir(out_dir):
 
 def open_out_dir(cfg, master):
     """Checks out_dir (a refused run leaves nothing behind), locks it (rank 0; the returned lock is held while the run
-    lasts), finishes a save that a kill interrupted, checks again what that left, and verifies a checkpoint to resume."""
+    lasts), finishes a save that a kill interrupted, checks again what that left, verifies a checkpoint to resume."""
     out_dir = Path(cfg['out_dir'])
     check_out_dir(cfg)
     lock = lock_out_dir(out_dir) if master else None
@@ -563,12 +563,10 @@ def check_out_dir(cfg):
     to continue; a resumed run needs a whole checkpoint (every file as its checkpoint.json lists it) saved with the
     same settings, apart from those in RESUMABLE."""
     out_dir = Path(cfg['out_dir']).resolve()
-    inputs = {key: Path(cfg[key]).resolve() for key in ('init_from', 'ref_from', 'data')
-              if cfg[key] and Path(cfg[key]).exists()}  # ref_from='' is no path: Path('') would be the working dir
-    for key, path in inputs.items():  # a checkpoint written there would overwrite that model or mix into that data
-        if out_dir in (path, path.parent if path.is_file() else path) or path in out_dir.parents:
-            raise SystemExit(f"error: out_dir={cfg['out_dir']} is (or is inside) {key}={cfg[key]}; the run would write "
-                             'its checkpoints over its own input: use another out_dir')
+    for key in ('init_from', 'ref_from', 'data'):  # a checkpoint there would overwrite that model, or mix into the data
+        if cfg[key] and Path(cfg[key]).resolve() == out_dir:  # ref_from='' is no path (Path('') is the working dir)
+            raise SystemExit(f"error: out_dir={cfg['out_dir']} is {key}={cfg[key]}; the run would write its "
+                             'checkpoints over its own input: use another out_dir')
     path = out_dir / 'state.pt'
     if not cfg['resume']:
         if path.exists():
@@ -706,8 +704,8 @@ def stop_if_not_finite(loss, grad_norm, it):
     loss = loss.detach().float().clone()
     dist.all_reduce(loss)
     if not (loss.isfinite() and grad_norm.isfinite()):
-        raise SystemExit(f'error: iteration {it}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}; stopped '
-                         'before the optimizer step, so the last checkpoint holds finite weights (lr too high?)')
+        raise SystemExit(f'error: iteration {it}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}; '
+                         'stopped before the optimizer step, so the last checkpoint holds finite weights (lr too high?)')
 
 
 def print0(*args):  # on rank 0 only, through tqdm so that a progress bar stays intact
@@ -783,7 +781,8 @@ def open_log(cfg, out_dir, resume_iter, master):
             with open(path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
         except OSError as e:  # a full disk
-            raise SystemExit(f'error: cannot write {path} ({e.strerror or e}); the last checkpoint in {out_dir} is whole')
+            raise SystemExit(f'error: cannot write {path} ({e.strerror or e}); the last checkpoint in {out_dir} is '
+                             'whole')
         if wandb is not None:
             wandb.log(record, step=record['iter'])
     return log

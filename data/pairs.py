@@ -28,14 +28,15 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def fingerprint(source, suffixes=None):
+def fingerprint(source, splits=False):
     """A short sha256 of what a path holds, so that an output made from it can tell when it changed: a file's bytes,
-    or a folder's top-level files (names and bytes; hidden files, the run state beside a model, and files whose suffix
-    is not in `suffixes` when given, left out). Anything else, a hub name, is taken by its name."""
+    or a folder's top-level files (names and bytes; hidden files and the run state beside a model left out; with
+    splits=True only the data files of its splits, train.* and test.*). Anything else, a hub name, is taken by its
+    name."""
     path = Path(source).expanduser()
     files = [path] if path.is_file() else sorted(
         f for f in path.iterdir() if f.is_file() and f.name not in RUN_STATE and not f.name.startswith('.')
-        and (suffixes is None or f.suffix.lower() in suffixes)) if path.is_dir() else []
+        and (not splits or f.stem in ('train', 'test') and f.suffix.lower() in DATA_SUFFIXES)) if path.is_dir() else []
     digest = hashlib.sha256(b'' if files else f'name:{source}'.encode())
     for f in files:
         digest.update(f'{f.name}:{sha256(f)}\n'.encode())
@@ -217,8 +218,8 @@ def end_of_turn(tokenizer):
         return ''
     marker = '\x00nanotr\x00'
     try:
-        text = tokenizer.apply_chat_template([{'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': marker}],
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{'role': 'user', 'content': 'x'}, {'role': 'assistant', 'content': marker}], tokenize=False)
     except Exception:  # a template that takes no such conversation marks no end of turn we could use
         return ''
     return text[text.rfind(marker) + len(marker):] if marker in text else ''

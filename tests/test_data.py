@@ -563,7 +563,8 @@ def turns(*texts):
 
 def test_without_oldest_exchange():
     system = [{'role': 'system', 'content': 'S'}]
-    assert data_pairs.without_oldest_exchange(system + turns('u1', 'a1', 'u2', 'a2', 'u3')) == system + turns('u2', 'a2', 'u3')
+    assert data_pairs.without_oldest_exchange(system + turns('u1', 'a1', 'u2', 'a2', 'u3')) \
+        == system + turns('u2', 'a2', 'u3')
     assert data_pairs.without_oldest_exchange(turns('u1', 'a1', 'u2')) == [{'role': 'user', 'content': 'u2'}]
     assert data_pairs.without_oldest_exchange(system + turns('u1')) is None
 

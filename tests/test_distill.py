@@ -148,7 +148,7 @@ def test_distill_on_unlabelled_data_stops_before_training(tmp_path):
     proc, records = run(tmp_path / 'out', *SMALL, '--loss=distill', check=False)
     assert proc.returncode != 0 and not records
     assert 'data/toy/train.jsonl row 1 has no reward_chosen/reward_rejected' in proc.stderr
-    assert 'judge.py --mode=label' in proc.stderr
+    assert 'python data/label.py' in proc.stderr
 
 
 def test_bad_distillation_settings_raise():

@@ -1,11 +1,15 @@
-"""judge.py: the HTTP judge against a real chat-completions server on 127.0.0.1 (retries, malformed answers, cache,
-the API key kept secret), order randomization, verdict parsing, criteria, the local HF judge, and reward scoring and
-labelling with tiny reward models. CPU, no network."""
+"""judge.py and data/label.py: the HTTP judge against a real chat-completions server on 127.0.0.1 (retries, malformed
+answers, cache, redirects, a trickled answer, the API key kept secret), order randomization, verdict parsing, criteria,
+templates, settings, the local HF judge, and reward scoring and labelling with tiny reward models. CPU, no network."""
 import functools
 import json
+import os
 import random
 import re
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +20,10 @@ import torch
 from transformers import AutoTokenizer
 
 import judge
-from train_tr import load_model, read_rows, render_row, tokenize_pair
+from data import judge_client
+from data import label
+from data.pairs import fingerprint, read_rows, render_row, tokenize_pair
+from train_tr import load_model
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # one torch thread, as in test_sample.py
 
@@ -28,7 +35,9 @@ KEY = 'sk-test-5ecret-do-not-leak'
 class ChatServer(ThreadingHTTPServer):
     """POST /v1/chat/completions: answers `reply(prompt)`, after the failures queued in `script` (an HTTP status,
     'garbage' for a body that is not JSON, 'no_choices' for JSON without choices, 'slow' for an answer after 0.5 s,
-    'bad_key' for OpenAI's 401 answer, which quotes the key). Counts requests."""
+    'bad_key' for OpenAI's 401 answer, which quotes the key, 'echo_reason' for a 500 whose status line quotes it,
+    (code, url) for a redirect, 'trickle' / 'trickle_head' for an answer / a status line sent a byte every 0.05 s).
+    Counts requests and keeps the Authorization headers it got."""
     def __init__(self):
         super().__init__(('127.0.0.1', 0), ChatHandler)
         self.hits, self.script, self.auth, self.prompts, self.lock = 0, [], set(), [], threading.Lock()
@@ -48,6 +57,31 @@ class ChatHandler(BaseHTTPRequestHandler):
         assert self.path == '/v1/chat/completions' and request['temperature'] == 0 and request['model'] == 'judge-1'
         if action == 'slow':
             time.sleep(0.5)  # longer than the client's timeout: it gives up and retries
+        if isinstance(action, tuple):  # a redirect, possibly to another server
+            self.send_response(action[0])
+            self.send_header('Location', action[1])
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+            return
+        if action == 'echo_reason':
+            key = self.headers.get('Authorization', '').removeprefix('Bearer ')
+            self.send_response(500, f'Internal Error with key {key}')
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+            return
+        if action in ('trickle', 'trickle_head'):
+            body = json.dumps({'choices': [{'message': {'content': 'More helpful: A'}}]}).encode()
+            head = f'HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n'.encode()
+            slow, fast = (head, body) if action == 'trickle_head' else (body, head)
+            if action == 'trickle':
+                self.wfile.write(fast)
+            for i in range(len(slow)):  # far longer in all than the client's timeout, though every byte is prompt
+                self.wfile.write(slow[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+            if action == 'trickle_head':
+                self.wfile.write(fast)
+            return
         if isinstance(action, int):
             body, status = b'{"error": "try again"}', action
         elif action == 'garbage':
@@ -98,7 +132,9 @@ def write_samples(path, completions, prompts=None):
 
 
 def config(tmp_path, server=None, **overrides):
-    return {**judge.defaults, **dict(judge_model='judge-1', base_url=server.url if server else '', backoff=0.01,
+    """judge.py's settings for a test: the server's URL, or one that no request reaches in a test without a server."""
+    return {**judge.defaults, **dict(judge_model='judge-1', base_url=server.url if server else 'http://127.0.0.1:9/v1',
+                                     backoff=0.01,
                                      cache=str(tmp_path / 'cache.jsonl'), out=str(tmp_path / 'result.json'),
                                      bootstrap=200, batch_size=4, device='cpu'), **overrides}
 
@@ -173,6 +209,16 @@ def test_request_errors(tmp_path, server, monkeypatch):
     assert result['n'] == 1 and server.hits == hits + 2
 
 
+def test_a_failure_that_stops_the_run_sends_nothing_more(tmp_path, server):
+    """The queued requests went out after the failure, until the pool was shut down (most runs of 300)."""
+    a = write_samples(tmp_path / 'a.jsonl', [f' answer {i}' for i in range(20)])
+    server.script = [404]
+    with pytest.raises(SystemExit, match='answered HTTP 404: try again$'):
+        judge.judge(config(tmp_path, server, a=a, b=a, concurrency=1))
+    time.sleep(0.2)  # time for a stray request to arrive
+    assert server.hits == 1
+
+
 def test_unparseable_answers_are_counted_ties(tmp_path, server):
     a = write_samples(tmp_path / 'a.jsonl', [' one', ' two', ' three', ' four'])
     b = write_samples(tmp_path / 'b.jsonl', [' uno', ' dos', ' tres', ' cuatro'])
@@ -201,10 +247,10 @@ def test_unreachable_judge_fails_at_once(tmp_path, monkeypatch):
     assert time.time() - start < 1.0  # no retries (backoff 1 s, then 2 s, ...)
     calls = []
 
-    def no_dns(request, timeout):
-        calls.append(request.full_url)
-        raise judge.urllib.error.URLError(socket.gaierror(-3, 'Temporary failure in name resolution'))
-    monkeypatch.setattr(judge.urllib.request, 'urlopen', no_dns)
+    def no_dns(url, body, headers, timeout):
+        calls.append(url)
+        raise socket.gaierror(-3, 'Temporary failure in name resolution')
+    monkeypatch.setattr(judge_client, 'post', no_dns)
     with pytest.raises(SystemExit, match='cannot reach the judge at https://judge.example/v1: .*name resolution'):
         judge.judge(config(tmp_path, base_url='https://judge.example/v1', a=a, b=a, concurrency=1))
     assert calls == ['https://judge.example/v1/chat/completions']  # one request, not retried; the other not sent
@@ -271,7 +317,7 @@ def test_cache_key_includes_the_server(tmp_path, server):
     ('{"prompt": "p", "completion": " c"}\n\n{"prompt": "p", "comp', '{path} line 3 is not valid JSON'),
     ('{"prompt": ["p"], "completion": " c"}\n', '{path} line 1 has no text'),
 ])
-@pytest.mark.parametrize('mode', ['pairwise', 'criteria', 'reward', 'gold'])
+@pytest.mark.parametrize('mode', ['pairwise', 'criteria', 'reward'])
 def test_bad_sample_files_are_one_line(tmp_path, mode, content, message):
     path = tmp_path / 'samples.jsonl'
     if content is not None:
@@ -281,12 +327,13 @@ def test_bad_sample_files_are_one_line(tmp_path, mode, content, message):
         judge.judge(config(tmp_path, mode=mode, reward_models=SFT, **files))
 
 
-@pytest.mark.parametrize('mode, needs', [('pairwise', 'a= and b='), ('criteria', 'files='), ('reward', 'files='),
-                                         ('gold', 'files='), ('label', 'reward_models=')])
+@pytest.mark.parametrize('mode, needs', [('pairwise', 'a= and b='), ('criteria', 'files='), ('reward', 'files=')])
 def test_missing_arguments_are_named(tmp_path, mode, needs):
     """`python judge.py` alone raised IsADirectoryError (a='' read as the current folder)."""
     with pytest.raises(SystemExit, match=f'^error: mode={mode} needs {re.escape(needs)}'):
         judge.judge(dict(judge.defaults, mode=mode))
+    with pytest.raises(SystemExit, match='^error: reward_models must be one or more reward models'):
+        label.label(dict(label.defaults, out=str(tmp_path / 'labels')))
 
 
 def test_reward_mode_needs_a_trained_score_head(tmp_path):
@@ -372,7 +419,8 @@ def direct_reward(name, prompt, response):
         return model(input_ids=torch.tensor([prompt_ids + response_ids])).logits.item()
 
 
-def test_label_writes_rewards_and_resumes(tmp_path, reward_models):
+def labelled_data(tmp_path):
+    """A data folder: 30 tiny pairs and 3 unusable rows in train, 5 pairs in test."""
     data = tmp_path / 'data'
     data.mkdir()
     lines = (REPO / 'data/tiny/train.jsonl').read_text().splitlines()[:30]
@@ -380,13 +428,28 @@ def test_label_writes_rewards_and_resumes(tmp_path, reward_models):
               json.dumps({'prompt': 'Hi', 'chosen': ' \ud83c', 'rejected': ' no'})]  # crashed the tokenizer
     (data / 'train.jsonl').write_text('\n'.join(lines) + '\n')
     (data / 'test.jsonl').write_text('\n'.join((REPO / 'data/tiny/test.jsonl').read_text().splitlines()[:5]) + '\n')
+    return data, lines
+
+
+def label_config(data, reward_models, out, **overrides):
+    return {**label.defaults, **dict(data=str(data), reward_models=','.join(reward_models), out=str(out),
+                                     batch_size=4, device='cpu'), **overrides}
+
+
+def test_label_writes_rewards_and_resumes(tmp_path, reward_models, capsys):
+    data, lines = labelled_data(tmp_path)
     out = tmp_path / 'labelled'
-    cfg = config(tmp_path, mode='label', data=str(data), reward_models=','.join(reward_models), out=str(out))
-    results = judge.judge(cfg)
+    cfg = label_config(data, reward_models, out)
+    results = label.label(cfg)
     assert [(r['pairs'], r['skipped'], r['labelled_now']) for r in results] == [(30, 3, 30), (5, 0, 5)]
     assert results[0]['empty response'] == results[0]['not a JSON object'] == results[0]['invalid Unicode'] == 1
+    assert (f"{data / 'train.jsonl'}: 30 pairs labelled in {out / 'train.jsonl'} (30 now; skipped 3 rows, 1 empty "
+            'response, 1 invalid Unicode, 1 not a JSON object)') in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / 'train.jsonl').read_text().splitlines()]
     assert all(r['reward_models'] == reward_models for r in rows)  # which model each reward is from
+    assert rows[0]['reward_provenance'] == dict(
+        reward_model_fingerprints=[fingerprint(n) for n in reward_models],
+        data_fingerprint=fingerprint(data / 'train.jsonl'), max_length=128, max_prompt_length=64, batch_size=4)
     original = [json.loads(line) for line in lines[:30]]
     assert [{k: v for k, v in r.items() if not k.startswith('reward_')} for r in rows] == original
     tokenizer = AutoTokenizer.from_pretrained(SFT)
@@ -400,7 +463,7 @@ def test_label_writes_rewards_and_resumes(tmp_path, reward_models):
     # interrupted after 13 rows and half a line: continued from the last whole batch (12 rows), to the same file
     full = (out / 'train.jsonl').read_text()
     (out / 'train.jsonl').write_text(''.join(full.splitlines(keepends=True)[:13]) + full.splitlines()[13][:30])
-    results = judge.judge(cfg)
+    results = label.label(cfg)
     assert [r['labelled_now'] for r in results] == [18, 0]  # test.jsonl was finished: kept
     assert (out / 'train.jsonl').read_text() == full
     assert len(read_rows(str(out), 'test')[0]) == 5
@@ -408,8 +471,98 @@ def test_label_writes_rewards_and_resumes(tmp_path, reward_models):
     for names in (reward_models[::-1], reward_models[:1]):
         with pytest.raises(SystemExit, match=f"^error: {out / 'train.jsonl'} holds labels of reward_models="
                                              f"{re.escape(','.join(reward_models))}, not {re.escape(','.join(names))}"):
-            judge.judge(dict(cfg, reward_models=','.join(names)))
+            label.label(dict(cfg, reward_models=','.join(names)))
         assert (out / 'train.jsonl').read_text() == full
+
+
+def test_label_refuses_what_other_data_models_or_settings_made(tmp_path, reward_models):
+    """A label file records what made it; a rerun that would mix other labels into it refuses in one line, the file
+    untouched: the split's data changed (labels of other data were kept), a reward model retrained (same folder, other
+    weights), a setting that changes the numbers."""
+    data, lines = labelled_data(tmp_path)
+    models = [reward_models[0], str(tmp_path / 'rm')]
+    shutil.copytree(reward_models[1], models[1])
+    out = tmp_path / 'labelled'
+    cfg = label_config(data, models, out)
+    label.label(cfg)
+    full = (out / 'train.jsonl').read_text()
+    old = fingerprint(data / 'train.jsonl')
+    (data / 'train.jsonl').write_text('\n'.join(lines[1:] + lines[:1]) + '\n')  # the same rows, reordered
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(str(out / 'train.jsonl'))} holds labels of "
+                                         f"data_fingerprint={old}, not {fingerprint(data / 'train.jsonl')}; use "
+                                         'another out= or delete it$'):
+        label.label(cfg)
+    (data / 'train.jsonl').write_text('\n'.join(lines) + '\n')
+    with pytest.raises(SystemExit, match='holds labels of max_length=128, not 96; use another out='):
+        label.label(dict(cfg, max_length=96))
+    with pytest.raises(SystemExit, match='holds labels of batch_size=4, not 8; use another out='):
+        label.label(dict(cfg, batch_size=8))
+    before = [fingerprint(m) for m in models]
+    torch.manual_seed(3)
+    load_model(SFT, reward_model=True).save_pretrained(models[1])  # retrained: other weights, the same folder
+    after = [fingerprint(m) for m in models]
+    with pytest.raises(SystemExit, match=re.escape(f"holds labels of reward_model_fingerprints={','.join(before)}, "
+                                                   f"not {','.join(after)}; use another out=")):
+        label.label(cfg)
+    assert (out / 'train.jsonl').read_text() == full
+    shutil.rmtree(models[1])
+    shutil.copytree(reward_models[1], models[1])  # the original weights again: resumed, nothing to do
+    assert [r['labelled_now'] for r in label.label(cfg)] == [0, 0] and (out / 'train.jsonl').read_text() == full
+
+
+@pytest.mark.parametrize('edit, line', [
+    (lambda rows: rows[:4] + ['not json'] + rows[5:], 5),  # a garbage line inside the file
+    (lambda rows: rows[:4] + ['[1, 2]'] + rows[5:], 5),  # JSON, but no row
+    (lambda rows: rows[:4] + rows[5:], 5),  # a row missing: every later row would be one off
+    (lambda rows: rows + rows[:1], 31),  # more lines than pairs
+    (lambda rows: [json.dumps({**json.loads(rows[0]), 'prompt': 'other'})] + rows[1:], 1),  # another row
+])
+def test_label_refuses_foreign_or_garbled_lines(tmp_path, reward_models, edit, line):
+    """A resume kept the file's parsable lines and counted on their positions: a garbage line dropped a row and shifted
+    every later one. Each line must be the labelled copy of the pair at its position, else one line, file untouched."""
+    data, _ = labelled_data(tmp_path)
+    out = tmp_path / 'labelled'
+    cfg = label_config(data, reward_models, out)
+    label.label(cfg)
+    path = out / 'train.jsonl'
+    path.write_text('\n'.join(edit(path.read_text().splitlines())) + '\n')
+    garbled = path.read_text()
+    with pytest.raises(SystemExit, match=f'^error: {re.escape(str(path))} line {line} is not the labelled pair {line} '
+                                         'of this data; use another out= or delete it$'):
+        label.label(cfg)
+    assert path.read_text() == garbled
+    path.write_text(''.join(row + '\n' for row in (data / 'train.jsonl').read_text().splitlines()[:3]))
+    with pytest.raises(SystemExit, match='holds labels of reward_models=\\(not recorded\\), not '):  # the data itself
+        label.label(cfg)
+
+
+@pytest.mark.parametrize('setting, value, message', [
+    ('batch_size', 0, 'batch_size must be >= 1, got 0'),
+    ('max_length', 64, 'need 0 < max_prompt_length < max_length'),
+    ('max_prompt_length', 0, 'need 0 < max_prompt_length < max_length'),
+    ('device', 'gpu', "device must be one of auto, cpu, cuda, got 'gpu'"),
+    ('out', '', "out must be a folder (for train.jsonl and test.jsonl), not a file, got ''"),
+    ('out', 'FILE', 'out must be a folder (for train.jsonl and test.jsonl), not a file, got '),
+    ('reward_models', ',', "reward_models must be one or more reward models, comma-separated, got ','"),
+    ('data', '', "data must be a data source (a file, a folder, a HF dataset name), got ''"),
+])
+def test_label_settings_are_checked_before_any_work(tmp_path, setting, value, message):
+    (tmp_path / 'FILE').write_text('x')
+    value = str(tmp_path / 'FILE') if value == 'FILE' else value
+    cfg = {**label_config(tmp_path / 'no-data', ['no/such-model'], tmp_path / 'labels'), setting: value}
+    with pytest.raises(SystemExit, match='^error: ' + re.escape(message)):
+        label.label(cfg)
+    assert not (tmp_path / 'labels').exists()
+
+
+def test_label_runs_from_any_folder(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / 'data/label.py'), '--help'], cwd=tmp_path, capture_output=True,
+                          text=True, env=dict(os.environ, HF_HUB_OFFLINE='1'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0] == label.__doc__.strip().split('\n')[0]
+    settings = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith('  --')]
+    assert [flag.split('=')[0] for flag in settings] == [f'--{k}' for k in label.defaults]
+    assert '--data=data/toy' in settings and '--batch_size=16' in settings
 
 
 def test_reward_mode_means_and_kl(tmp_path, reward_models):
@@ -436,3 +589,147 @@ def test_bootstrap_resamples_prompts():
     # samples of one prompt move together: one prompt with all the mass gives a wide interval
     clustered = judge.mean_ci([1.0] * 10 + [0.0] * 10, [0] * 10 + list(range(1, 11)), cfg)
     assert clustered['mean'] == 0.5 and clustered['ci95'][1] - clustered['ci95'][0] > 0.5
+
+
+# -----------------------------------------------------------------------------
+# settings and templates: checked before any file is read or request sent
+@pytest.mark.parametrize('setting, value, message', [
+    ('mode', 'gold', "mode must be one of pairwise, criteria, reward, got 'gold'"),
+    ('judge', 'vllm', "judge must be one of http, hf, got 'vllm'"),
+    ('device', 'gpu', "device must be one of auto, cpu, cuda, got 'gpu'"),
+    ('bootstrap', 0, 'bootstrap must be >= 1, got 0'),
+    ('retries', -1, 'retries must be >= 0, got -1'),
+    ('concurrency', 0, 'concurrency must be >= 1, got 0'),
+    ('timeout', 0.0, 'timeout must be > 0, got 0.0'),
+    ('timeout', float('inf'), 'timeout must be finite, got inf'),
+    ('backoff', -0.5, 'backoff must be >= 0, got -0.5'),
+    ('max_tokens', 0, 'max_tokens must be >= 1, got 0'),
+    ('batch_size', 0, 'batch_size must be >= 1, got 0'),
+    ('max_prompt_length', 128, 'need 0 < max_prompt_length < max_length'),
+    ('max_prompt_length', 0, 'need 0 < max_prompt_length < max_length'),
+    ('base_url', 'ftp://example.com/v1', 'base_url must be an http:// or https:// URL without user, query or fragment'),
+    ('base_url', 'https://user:key@example.com/v1', 'base_url must be an http:// or https:// URL'),
+    ('base_url', 'localhost:8000/v1', 'base_url must be an http:// or https:// URL'),
+    ('out', 'FOLDER', 'out must be a file path, not a folder, got '),
+    ('cache', 'FOLDER', 'cache must be a file path, not a folder, got '),
+])
+def test_bad_settings_stop_before_any_work(tmp_path, server, setting, value, message):
+    (tmp_path / 'FOLDER').mkdir()
+    a = write_samples(tmp_path / 'a.jsonl', [' x'])
+    cfg = config(tmp_path, server, a=a, b=a, **{setting: str(tmp_path / 'FOLDER') if value == 'FOLDER' else value})
+    with pytest.raises(SystemExit, match='^error: ' + re.escape(message)) as info:
+        judge.judge(cfg)
+    assert '\n' not in str(info.value) and server.hits == 0 and not (tmp_path / 'result.json').exists()
+
+
+@pytest.mark.parametrize('text, message', [
+    ('Which is better, {a} or {b}?', "has the fields ['a', 'b'], not ['a', 'b', 'prompt']"),  # no prompt
+    ('{prompt}\n{a}\n{b}\n{response}', "has the fields ['a', 'b', 'prompt', 'response'], not ['a', 'b', 'prompt']"),
+    ('{prompt}\n{a}\n{b}\nAnswer as {winner}.', "has the fields ['a', 'b', 'prompt', 'winner']"),  # a typo'd field
+    ('{prompt} {0} {a} {b}', "has the fields ['0', 'a', 'b', 'prompt']"),  # str.format's positional field
+])
+def test_template_fields_are_checked(tmp_path, server, text, message):
+    path = tmp_path / 'template.txt'
+    path.write_text(text)
+    a = write_samples(tmp_path / 'a.jsonl', [' x'])
+    with pytest.raises(SystemExit, match=f'^error: template {re.escape(str(path))} {re.escape(message)}'):
+        judge.judge(config(tmp_path, server, a=a, b=a, template=str(path)))
+    assert server.hits == 0
+    with pytest.raises(SystemExit, match='^error: template=nosuch: neither a file nor .*judge_templates/nosuch.txt'):
+        judge.judge(config(tmp_path, server, a=a, b=a, template='nosuch'))
+
+
+def test_braces_in_a_template_and_in_samples_are_text(tmp_path, server):
+    """str.format failed on a literal brace (a JSON example in the instructions) and could read attributes
+    ({a.__class__}); only the fields are filled, and a sample's own braces are never filled in."""
+    path = tmp_path / 'template.txt'
+    path.write_text('Answer as {"winner": "A"} or { }.\n{prompt}\nA: {a}\nB: {b}\n')
+    a = write_samples(tmp_path / 'a.jsonl', [' {b} and {prompt}'], prompts=['Q {a}?'])
+    judge.judge(config(tmp_path, server, a=a, b=a, template=str(path)))
+    assert server.prompts == ['Answer as {"winner": "A"} or { }.\nQ {a}?\nA: {b} and {prompt}\nB: {b} and {prompt}\n']
+
+
+# -----------------------------------------------------------------------------
+# the API key: sent to base_url only, and in nothing printed, raised or written
+@pytest.mark.parametrize('code', [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_with_the_key(tmp_path, server, monkeypatch, code):
+    """urllib followed a 301/302/303 to any host with the Authorization header: the key went to whoever the server
+    (or a man in the middle of plain http) named. A redirect stops the run in one line, and nothing is sent on."""
+    monkeypatch.setenv('NANOTR_TEST_KEY', KEY)
+    other = ChatServer()
+    threading.Thread(target=other.serve_forever, args=(0.01,), daemon=True).start()
+    try:
+        server.script = [(code, f'{other.url}/chat/completions?stolen={KEY}')]
+        a = write_samples(tmp_path / 'a.jsonl', [' x'])
+        with pytest.raises(SystemExit) as info:
+            judge.judge(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
+        assert str(info.value) == (f'error: the judge at {server.url} answered HTTP {code}, a redirect to '
+                                   f'{other.url}/chat/completions?stolen=***: not followed; if you trust that server, '
+                                   'make it base_url')
+        assert server.hits == 1 and server.auth == {f'Bearer {KEY}'}  # not retried
+        assert other.hits == 0 and not other.auth
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_the_key_is_redacted_wherever_a_server_echoes_it(tmp_path, server, monkeypatch, capsys):
+    """A server may quote the key in its status line, an error body or the answer itself (a proxy's error page, a
+    judge told to repeat its input): it reaches no message, cache, verdicts or results file."""
+    monkeypatch.setenv('NANOTR_TEST_KEY', KEY)
+    a = write_samples(tmp_path / 'a.jsonl', [' x', ' y'])
+    cfg = config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY', retries=1, concurrency=1)
+    server.script = ['echo_reason'] * 2
+    with pytest.raises(SystemExit) as info:
+        judge.judge(cfg)
+    assert str(info.value) == (f'error: the judge at {server.url} failed 2 times, last with HTTPError: HTTP Error 500: '
+                               'Internal Error with key ***')
+    server.script = ['bad_key']
+    with pytest.raises(SystemExit, match=r'answered HTTP 401: Incorrect API key provided: \*\*\*\. You can find'):
+        judge.judge(cfg)
+    server.reply = lambda prompt: f'My key is {KEY}.\nMore helpful: A'
+    [result] = judge.judge(cfg)
+    assert result['wins'] + result['losses'] == 2  # the verdict is still read from the redacted answer
+    verdicts = (tmp_path / 'result.verdicts.jsonl').read_text()
+    assert 'My key is ***.' in verdicts
+    for path in tmp_path.iterdir():
+        assert KEY not in path.read_text(), path
+    assert KEY not in ''.join(capsys.readouterr())
+    # a cache written before answers were redacted: what it holds is redacted on the way out
+    (tmp_path / 'cache.jsonl').write_text((tmp_path / 'cache.jsonl').read_text().replace('***', KEY))
+    assert judge.judge(cfg) == [result] and KEY not in (tmp_path / 'result.verdicts.jsonl').read_text()
+
+
+# -----------------------------------------------------------------------------
+# timeouts: one deadline for the whole request
+@pytest.mark.parametrize('action', ['trickle', 'trickle_head'])
+def test_a_trickled_answer_times_out_after_the_timeout(tmp_path, server, action):
+    """A socket timeout bounds each read only: a server that sends a byte every 0.05 s held a request with
+    timeout=0.5 for as long as it liked. The whole request now ends at the timeout, and is retried."""
+    a = write_samples(tmp_path / 'a.jsonl', [' x'])
+    server.script = [action]
+    start = time.monotonic()
+    with pytest.raises(SystemExit, match=f'^error: the judge at {server.url} failed 1 times, last with TimeoutError: '
+                                         r'no whole answer within timeout=0.5 s$'):
+        judge.judge(config(tmp_path, server, a=a, b=a, timeout=0.5, retries=0))
+    assert 0.5 <= time.monotonic() - start < 1.5  # the answer would take 2 s or more
+    server.script = [action]
+    [result] = judge.judge(config(tmp_path, server, a=a, b=a, timeout=0.5, retries=1))  # the retry succeeds
+    assert result['n'] == 1 and server.hits == 3
+
+
+# -----------------------------------------------------------------------------
+# the cache: lines that are not its answers are ignored
+def test_foreign_and_garbled_cache_lines_are_ignored(tmp_path, server):
+    a = write_samples(tmp_path / 'a.jsonl', [' one', ' two'])
+    cfg = config(tmp_path, server, a=a, b=a)
+    [first] = judge.judge(cfg)
+    good = (tmp_path / 'cache.jsonl').read_text().splitlines()
+    garbage = ['not json', '[1, 2]', '"text"', 'null', '{"key": 1, "answer": "x"}', '{"key": "k"}',
+               '{"key": "k", "answer": ["A"]}', '{"other": "tool"}', '\x00\x01']
+    (tmp_path / 'cache.jsonl').write_text('\n'.join(garbage[:5] + good[:1] + garbage[5:]) + '\n{"key": "cut sh')
+    assert judge.judge(cfg) == [first] and server.hits == 3  # one answer kept, the other asked again
+    assert judge.judge(dict(cfg, cache=str(tmp_path / 'new/cache.jsonl'))) == [first]  # in a folder made for it
+    (tmp_path / 'cache.jsonl').write_bytes(b'\xff\xfe garbage\n')
+    with pytest.raises(SystemExit, match=r'^error: .*cache.jsonl is not UTF-8 text'):  # one line, not a traceback
+        judge.judge(cfg)

@@ -1,7 +1,8 @@
 """The gold-reward toy (data/toy): r* and the biased annotator by hand, the shipped pairs regenerated from the shipped
-SFT model, judge.py mode=gold, train_tr.py snapshots, and the grid script's --quick setting end to end. CPU."""
+SFT model, gold.py's scores, train_tr.py snapshots, and the grid script's --quick setting end to end. CPU."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import judge
 from conftest import SMALL, run
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'data/toy'))
+import gold  # noqa: E402
 from prepare import (CATEGORIES, COUNTS, PHRASINGS, PROMPT, gold_reward, in_support, items_of,  # noqa: E402
                      parse_prompt, proxy_reward)
 
@@ -75,22 +76,45 @@ def test_prepare_regenerates_the_shipped_pairs(tmp_path):
         assert (tmp_path / f'{split}.jsonl').read_text() == (REPO / f'data/toy/{split}.jsonl').read_text()
 
 
-def test_judge_gold_mode(tmp_path):
+def test_gold_scores(tmp_path):
     rows = [dict(prompt=FRUITS, completion=' apple, fig, plum.', kl=1.0),
             dict(prompt=FRUITS, completion=' apple, apple, dog.', kl=3.0),
             dict(prompt=PROMPT.format(request='List two colours.'), completion=' red, blue, green.', kl=2.0)]
     path = tmp_path / 's.jsonl'
     path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-    (result,) = judge.judge(dict(judge.defaults, mode='gold', files=str(path), out=str(tmp_path / 'gold.json')))
+    (result,) = gold.gold(dict(gold.defaults, files=str(path)))
     assert result['gold']['mean'] == pytest.approx((3 - 3 + (3 - 2)) / 3)
     assert result['kl']['mean'] == pytest.approx(2.0)
+    # the command, from another folder: judge.py's table, and every number in out=
+    proc = subprocess.run([sys.executable, str(REPO / 'data/toy/gold.py'), f'--files={path},{path}',
+                           '--out=gold.json'], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE='1'))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].split() == ['file', 'n', 'gold', 'kl']
+    assert proc.stdout.splitlines()[1].split()[:3] == [str(path), '3', '0.333']
+    assert len(proc.stdout.splitlines()) == 2  # a file named twice is scored once
     assert json.loads((tmp_path / 'gold.json').read_text())['results'][0]['gold'] == result['gold']
-    with pytest.raises(SystemExit, match='gold_reward'):
-        judge.judge(dict(judge.defaults, mode='gold', files=str(path), gold=str(tmp_path / 'missing.py')))
     other = tmp_path / 'other.jsonl'  # a prompt the toy's gold reward does not know is an error, not a silent score
-    other.write_text(json.dumps(dict(prompt='\n\nHuman: Hi\n\nAssistant:', completion=' hello')) + '\n')
-    with pytest.raises(ValueError, match='not a toy prompt'):
-        judge.judge(dict(judge.defaults, mode='gold', files=str(other)))
+    prompt = '\n\nHuman: Hi\n\nAssistant:'
+    other.write_text(json.dumps(dict(prompt=prompt, completion=' hello')) + '\n')
+    message = f'error: {other} sample 1: not a toy prompt: {prompt!r} (sampled from other data than data/toy)'
+    with pytest.raises(SystemExit, match='^' + re.escape(message) + '$'):
+        gold.gold(dict(gold.defaults, files=f'{path},{other}'))
+
+
+@pytest.mark.parametrize('setting, value, message', [
+    ('files', ',', 'files= needs one or more sample files (sample.py --out=), comma-separated'),
+    ('files', 'missing.jsonl', 'sample file not found: missing.jsonl'),
+    ('bootstrap', 0, 'bootstrap must be >= 1, got 0'),
+    ('out', 'FOLDER', 'out must be a file path, not a folder, got '),
+])
+def test_gold_settings_are_checked(tmp_path, setting, value, message):
+    (tmp_path / 'FOLDER').mkdir()
+    path = tmp_path / 's.jsonl'
+    path.write_text(json.dumps(dict(prompt=FRUITS, completion=' fig.')) + '\n')
+    cfg = {**gold.defaults, 'files': str(path), setting: str(tmp_path / 'FOLDER') if value == 'FOLDER' else value}
+    with pytest.raises(SystemExit, match='^error: ' + re.escape(message)):
+        gold.gold(cfg)
 
 
 def test_snapshots_keep_each_evaluated_policy(tmp_path):

@@ -229,7 +229,7 @@ def test_non_finite_loss_stops_before_a_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_default_run(tmp_path):
     """`python train_tr.py` with no arguments: TR-DPO on the toy from the shipped SFT model. Its samples score a higher
-    gold reward than the SFT model's (sample.py and judge.py --mode=gold, as data/toy/grid.py measures)."""
+    gold reward than the SFT model's (sample.py and data/toy/gold.py, as data/toy/grid.py measures)."""
     import train_tr
     proc, records = run(tmp_path)
     evals = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines() if 'eval/loss' in line]
@@ -241,7 +241,7 @@ def test_default_run(tmp_path):
         samples = tmp_path / f'{name}.jsonl'
         subprocess.run([sys.executable, 'sample.py', f'--init_from={model}', '--ref=data/toy/sft', '--num_samples=2',
                         '--batch_size=64', f'--out={samples}'], cwd=REPO, check=True, capture_output=True)
-        subprocess.run([sys.executable, 'judge.py', '--mode=gold', f'--files={samples}', f'--out={samples}.gold.json'],
+        subprocess.run([sys.executable, 'data/toy/gold.py', f'--files={samples}', f'--out={samples}.gold.json'],
                        cwd=REPO, check=True, capture_output=True)
         gold[name] = json.loads(Path(f'{samples}.gold.json').read_text())['results'][0]
     assert gold['sft']['kl']['mean'] == 0.0 and gold['policy']['kl']['mean'] > 1.0

@@ -15,7 +15,7 @@ B. Distillation (Fisch et al.): a length-bias sweep. Pairs of SFT samples relabe
 
 Every run keeps a snapshot at each evaluation (train_tr.py snapshots=True); each snapshot samples the test prompts with
 sample.py (ref = the SFT model, so the mean of log π(y|x) − log π_SFT(y|x) estimates the KL) and is scored by
-judge.py mode=gold. Mean ± std over 3 seeds (data order); all checkpoints share one sampling seed.
+data/toy/gold.py. Mean ± std over 3 seeds (data order); all checkpoints share one sampling seed.
 
   python data/toy/grid.py                                   # the full grid: data/toy/results.md and three plots
   python data/toy/grid.py --quick --out=out/toy_quick       # a smoke version, about a minute (tests/test_toy.py)
@@ -161,7 +161,8 @@ def pair_logps(model, pairs, pad_id):
     rows = []
     with torch.no_grad():
         for start in range(0, len(pairs), 64):
-            logps, lengths = train_tr.sequence_logps(model, data_pairs.make_batch(pairs[start:start + 64], True, pad_id))
+            batch = data_pairs.make_batch(pairs[start:start + 64], True, pad_id)
+            logps, lengths = train_tr.sequence_logps(model, batch)
             rows.append(torch.stack([*train_tr.chosen_rejected(logps), *train_tr.chosen_rejected(lengths.float())], 1))
     return torch.cat(rows)
 
@@ -170,11 +171,11 @@ def measure(model_dir, samples_path, diagnostic_pairs, sft_logps):
     """Gold reward, KL(π‖π_SFT), list length and off-support fraction of a model's samples on the test prompts; the
     per-token log-probs of held-out chosen/rejected responses and of training chosen ones; the training pairs' mean
     log-ratio margin against π_SFT, (log π − log π_SFT)(y_w) − (log π − log π_SFT)(y_l), in nats."""
-    import judge
+    import gold
     import sample
     sample.sample(dict(sample.defaults, init_from=str(model_dir), ref=SFT, data=DATA, out=str(samples_path),
                        **SAMPLING))
-    (scores,), _ = judge.reward(dict(judge.defaults, mode='gold', files=str(samples_path)), '')
+    (scores,) = gold.gold(dict(gold.defaults, files=str(samples_path)))
     rows = data_pairs.read_jsonl(samples_path)
     model = train_tr.load_model(str(model_dir)).eval()
     test, train = (pair_logps(model, pairs, diagnostic_pairs['pad_id']) for pairs in diagnostic_pairs['pairs'])
@@ -420,7 +421,7 @@ def main():
     for rho in rhos:
         labels = out / f'rho_{rho}' / 'labels'
         if not (labels / 'test.jsonl').exists():
-            subprocess.run([sys.executable, 'judge.py', '--mode=label', f'--data={out}/rho_{rho}', f'--out={labels}',
+            subprocess.run([sys.executable, 'data/label.py', f'--data={out}/rho_{rho}', f'--out={labels}',
                             '--reward_models=' + ','.join(map(str, rms[rho])), '--max_length=64',
                             '--max_prompt_length=32'], check=True, stdout=subprocess.DEVNULL)
 
