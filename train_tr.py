@@ -24,6 +24,13 @@ Trust region (TR-DPO / TR-IPO / TR-KTO; Gorbatovski, Shaposhnikov et al., ICLR 2
     hard   θ_ref ← θ                        (ref_update=hard, tr_tau=τ)
 With α=0 or ref_update=none this is plain DPO/IPO/KTO against the fixed initial (SFT) model. The update works the
 same for distill, edistill and pdpo (trust-region distillation, a combination neither paper ran).
+LoRA (lora_rank=R > 0; Hu et al. 2022): each Linear of the decoder blocks computes W·x + (lora_alpha/R)·B·A·x, W frozen
+(in the compute dtype, one copy for policy and reference), A and B float32 and trained, B = 0 at step 0. The reference
+is a second pair (A_ref, B_ref) on the same W, and the update applies the paper's parameter-space rule to the adapters:
+    A_ref ← α·A + (1−α)·A_ref,   B_ref ← α·B + (1−α)·B_ref
+The reference's weight delta is then (αB + (1−α)B_ref)(αA + (1−α)A_ref) = α²BA + (1−α)²B_ref·A_ref + α(1−α)(B·A_ref +
+B_ref·A), not the mix of the deltas αBA + (1−α)B_ref·A_ref (it is that minus α(1−α)(B − B_ref)(A − A_ref)). With
+ref_update=none the reference is W alone, adapters off (PEFT's DPO).
 
 Run `python train_tr.py` (TR-DPO on the toy in data/toy, ~15 s on a CPU) or `torchrun ... train_tr.py config.py
 --key=value ...`: every setting below can be overridden (--help lists them); README.md has the recipes.
@@ -33,6 +40,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -89,6 +97,9 @@ pessimism_gamma = 0.1           # edistill, pdpo: γ, weight of the KL(π_ref‖
 ref_update = 'soft'             # none | soft | hard
 tr_alpha = 0.1                  # soft: weight of the policy in the mix (paper: 0.6; the 300-step toy run: 0.1)
 tr_tau = 25                     # update every this many optimizer steps; 1 = every step (paper, hard update: 512)
+# LoRA
+lora_rank = 0                   # rank R of the adapters on every Linear of the decoder blocks; 0 = full fine-tuning
+lora_alpha = 16.0               # the adapters' output is scaled by lora_alpha/R (PEFT's lora_alpha)
 # optimization
 batch_size = 16                 # preference pairs per optimizer step, over all processes
 grad_accum = 1                  # micro-steps per optimizer step (each process takes batch_size/world/grad_accum pairs)
@@ -271,12 +282,14 @@ def all_reduce_sums(sums):
 # reference update: identical sharding means each rank mixes its own shards, with no communication
 @torch.no_grad()
 def update_reference(policy, ref, alpha):
-    """θ_ref ← α·θ + (1−α)·θ_ref (α = 1: θ_ref ← θ), in fp32 on the local shards of both models."""
-    for module in [*policy.modules(), *ref.modules()]:
+    """θ_ref ← α·θ + (1−α)·θ_ref (α = 1: θ_ref ← θ), in fp32 on the local shards of both models. In a LoRA run θ is
+    the adapters, the parameters that train: A_ref ← α·A + (1−α)·A_ref and B_ref ← α·B + (1−α)·B_ref on the one
+    model that holds both sets (not a mix of the products B·A: the module docstring has the difference)."""
+    for module in {*policy.modules(), *(ref.modules() if isinstance(ref, torch.nn.Module) else [])}:
         if isinstance(module, FSDPModule):
             module.reshard()  # the mix must land in the sharded storage, not in a gathered copy
-    ref_params, policy_params = ([p.to_local() if isinstance(p, DTensor) else p for p in m.parameters()]
-                                 for m in (ref, policy))
+    ref_params, policy_params = ([p.to_local() if isinstance(p, DTensor) else p for p in params]
+                                 for params in mixed_parameters(policy, ref))
     if alpha == 1.0:
         torch._foreach_copy_(ref_params, policy_params)
     else:
@@ -298,15 +311,19 @@ def train(cfg):
     pad_id = padding_id(tokenizer)
     out_dir, lock = Path(cfg['out_dir']), open_out_dir(cfg, master)
     policy, ref, compute_dtype = load_models(cfg, device, world)
-    n_params = sum(p.numel() for p in policy.parameters())
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in policy.parameters()) - (sum(p.numel() for p in mixed_parameters(policy, ref)[0])
+                                                              if isinstance(ref, AdapterReference) else 0)
     # fused: one kernel over all parameters, ~5x faster than the default per-tensor loop (SmolLM2 on a CPU: 0.08 s)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
+    optimizer = torch.optim.AdamW(trained, lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
     start_iter = load_checkpoint(out_dir, ref, optimizer, policy) if cfg['resume'] else 0
     if start_iter >= cfg['max_iters']:
         print0(f"note: the saved run is at iteration {start_iter}, max_iters={cfg['max_iters']}: nothing to train")
     log = open_log(cfg, out_dir, start_iter if cfg['resume'] else None, master)
-    print0(f'{n_params / 1e6:.2f}M parameters, world size {world}, {micro_size} pairs per micro-batch, '
-           f'compute dtype {compute_dtype}, device {device}')
+    print0(f'{n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in trained) / 1e6:.2f}M trained), world size '
+           f'{world}, {micro_size} pairs per micro-batch, compute dtype {compute_dtype}, device {device}')
+    print0('estimated memory per device: ' + ', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in memory_estimate(
+        policy, ref, world).items()) + ' (activations not included)')
 
     def eval_and_save(it):
         record = {} if eval_pairs is None else evaluate(policy, ref, eval_pairs, pad_id, cfg, rank, world,
@@ -363,8 +380,10 @@ def train(cfg):
             tokens = record.pop('tokens')
             record.update(lr=lr, grad_norm=grad_norm.item(), step_time=dt, tokens_per_sec=tokens / dt,
                           peak_mem_gb=peak_memory_gb(device), ref_updates=ref_updates)
-            if device.type == 'cuda':  # policy forward+backward 6N, reference forward 2N FLOPs per token
-                record['mfu'] = (6 + 2 * (ref is not None)) * n_params * tokens / dt / (world * cfg['peak_flops'])
+            if device.type == 'cuda':  # FLOPs per token: policy forward 2N, backward 4N (LoRA: 2N, no weight
+                # gradients of the frozen base), reference forward 2N
+                flops = (6 - 2 * (cfg['lora_rank'] > 0) + 2 * (ref is not None)) * n_params
+                record['mfu'] = flops * tokens / dt / (world * cfg['peak_flops'])
             log(record)
             bar.set_postfix({k.split('/')[-1]: f'{record[k]:.3f}' for k in ('loss', 'rewards/accuracies', 'accuracy',
                                                                            'rewards/margins', 'margin') if k in record})
@@ -383,10 +402,10 @@ VALID = {  # setting: (test of its value, what it must be); checked before out_d
     'dtype': one_of('auto', 'float32', 'bfloat16'), 'distill_reduce': one_of('first', 'mean'),
     'edistill_min': one_of('example', 'batch'),
     'tr_alpha': (lambda v: 0 <= v <= 1, 'in [0, 1]'), 'label_smoothing': (lambda v: 0 <= v < 0.5, 'in [0, 0.5)'),
-    'beta': (lambda v: v > 0, '> 0'), 'peak_flops': (lambda v: v > 0, '> 0'),
+    'beta': (lambda v: v > 0, '> 0'), 'peak_flops': (lambda v: v > 0, '> 0'), 'lora_alpha': (lambda v: v > 0, '> 0'),
     **dict.fromkeys(('tr_tau', 'batch_size', 'grad_accum', 'max_iters', 'eval_interval', 'log_interval'), AT_LEAST_1),
     # a negative clip flips the gradient, a negative warm-up gives a negative (at -1 an undefined) learning rate
-    **dict.fromkeys(('eval_pairs', 'grad_clip', 'warmup_iters', 'lr', 'weight_decay', 'pessimism_gamma',
+    **dict.fromkeys(('eval_pairs', 'grad_clip', 'warmup_iters', 'lr', 'weight_decay', 'pessimism_gamma', 'lora_rank',
                      'rm_center_coef', 'kto_desirable_weight', 'kto_undesirable_weight'), NOT_NEGATIVE),
 }
 
@@ -399,6 +418,8 @@ def get_config(argv):
         raise SystemExit('error: need 0 < max_prompt_length < max_length')
     if LOSSES[cfg['loss']].mismatched and cfg['batch_size'] < 2:
         raise SystemExit('error: kto needs batch_size >= 2 (its mismatched pairs)')
+    if cfg['lora_rank'] and cfg['ref_from']:
+        raise SystemExit("error: ref_from needs lora_rank=0: a LoRA run's reference is adapters on the policy's base")
     return cfg
 
 
@@ -431,11 +452,12 @@ def setup_distributed(device_name):
 
 # -----------------------------------------------------------------------------
 # models: policy and reference are the same architecture, sharded identically, both with fp32 master weights
-def load_model(name, reward_model=False):
-    """An HF causal LM in float32 with dropout off (the loss compares policy and reference forwards exactly), or with
-    reward_model=True a sequence classifier with one output, the Bradley–Terry reward r(x, y). From a causal-LM
-    checkpoint (the SFT model) its score head starts at random, seeded by torch.manual_seed. SDPA attention, because
-    layout's masks are boolean (eager attention would add them as numbers)."""
+def load_model(name, reward_model=False, dtype=torch.float32, meta=False):
+    """An HF causal LM in float32 (or `dtype`) with dropout off (the loss compares policy and reference forwards
+    exactly), or with reward_model=True a sequence classifier with one output, the Bradley–Terry reward r(x, y). From a
+    causal-LM checkpoint (the SFT model) its score head starts at random, seeded by torch.manual_seed. SDPA attention,
+    because layout's masks are boolean (eager attention would add them as numbers). meta=True: the architecture alone,
+    on the meta device, no weights read (a rank that receives its shards from rank 0: fill_from_rank0)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the "Loading weights" bars
@@ -449,8 +471,10 @@ def load_model(name, reward_model=False):
         config.pad_token_id = padding_id(AutoTokenizer.from_pretrained(name))
         config.num_labels = 1
     auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
-    return with_response_outputs(auto.from_pretrained(name, config=config, dtype=torch.float32,
-                                                      attn_implementation='sdpa'))
+    if meta:
+        with torch.device('meta'):
+            return with_response_outputs(auto.from_config(config, dtype=dtype, attn_implementation='sdpa'))
+    return with_response_outputs(auto.from_pretrained(name, config=config, dtype=dtype, attn_implementation='sdpa'))
 
 
 def with_response_outputs(model):
@@ -472,15 +496,37 @@ def distribute_model(model, mesh, bf16, reshard_root):
         return model
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    block_names = set(model._no_split_modules or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
-    if not blocks:
-        raise ValueError(f'no decoder layers found in {type(model).__name__} (looked for {block_names})')
-    for block in blocks:
+    for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_root)
     register_fsdp_forward_method(model, 'response_outputs')
     return model
+
+
+def decoder_blocks(model):
+    """The decoder layers: the modules whose class is named in model._no_split_modules."""
+    block_names = set(model._no_split_modules or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f'no decoder layers found in {type(model).__name__} (looked for {block_names})')
+    return blocks
+
+
+def fill_from_rank0(model, weights, device):
+    """Under torchrun, each rank's shards of a sharded model from the full state dict `weights` that rank 0 holds ({} on
+    the other ranks, whose model is on the meta device), broadcast one tensor at a time: no rank but 0 ever holds a
+    whole model. Non-persistent buffers (RoPE's inv_freq) are in no state dict, so a meta model gets storage
+    (to_empty) and then those buffers as transformers initializes them."""
+    if dist.get_world_size() == 1:
+        return
+    if any(p.device.type == 'meta' for p in model.parameters()):
+        model.to_empty(device=device)
+        for module in model.modules():
+            if module._non_persistent_buffers_set:
+                model._init_weights(module)
+    # a copy: set_model_state_dict puts the local shards into the dict it is given, and `weights` may fill two models
+    set_model_state_dict(model, dict(weights),
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 LOGPS_CHUNK = 256  # response tokens per log-softmax: [256, V] float32 is 50 MB for V = 49,152, 131 MB for 128k
@@ -515,6 +561,140 @@ def sequence_rewards(reward_model, batch):
     """The reward of each response of a layout batch (response-major)."""
     return reward_model.response_outputs(batch['input_ids'], batch['position_ids'], batch['attention_mask'],
                                          batch['predict'], last=batch['last'])
+
+
+# -----------------------------------------------------------------------------
+# LoRA: the base weights once, frozen, with two adapter sets on each Linear of the decoder blocks; the policy and the
+# reference are the same model with one set or the other selected
+class LoRALinear(torch.nn.Module):
+    """A frozen Linear `base` (in the compute dtype) plus float32 adapters: base(x) + scale·B·A·x, with the policy's
+    (lora_A, lora_B: trained) or the reference's (ref_A, ref_B: moved by update_reference) as `adapters` selects, or
+    base(x) alone (adapters=None). A starts kaiming-uniform and B at zero, as in PEFT: both sets start at W."""
+
+    def __init__(self, base, rank, scale, reference):
+        super().__init__()
+        self.base, self.scale, self.adapters = base.requires_grad_(False), scale, 'policy'
+        device = base.weight.device
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, dtype=torch.float32, device=device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32, device=device))
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if reference:
+            self.ref_A = torch.nn.Parameter(self.lora_A.detach().clone(), requires_grad=False)
+            self.ref_B = torch.nn.Parameter(self.lora_B.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        if self.adapters is None:
+            return self.base(x)
+        a, b = (self.lora_A, self.lora_B) if self.adapters == 'policy' else (self.ref_A, self.ref_B)
+        return self.base(x) + self.scale * F.linear(F.linear(x, a), b)
+
+
+class AdapterReference:
+    """The reference of a LoRA run, called like a model by sequence_logps: the policy's own model (the one copy of the
+    base weights) with the reference adapters selected ('reference'), or none (None: ref_update=none, the base)."""
+
+    def __init__(self, model, adapters):
+        self.model, self.adapters = model, adapters
+
+    def response_outputs(self, *args, **kwargs):
+        select_adapters(self.model, self.adapters)
+        try:
+            return self.model.response_outputs(*args, **kwargs)
+        finally:
+            select_adapters(self.model, 'policy')
+
+
+def select_adapters(model, adapters):
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.adapters = adapters
+
+
+def add_lora(model, rank, alpha, reference):
+    """Wraps every Linear of the decoder blocks (attention and MLP projections; not the embedding, the LM head or a
+    reward model's score head) in a LoRALinear and freezes everything else but a score head, which is new and trains
+    in float32. model.lora_config is the adapter's PEFT config (adapter_config.json)."""
+    model.requires_grad_(False)
+    targets = set()
+    for block in decoder_blocks(model):
+        for name, module in list(block.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                parent, _, child = name.rpartition('.')
+                setattr(block.get_submodule(parent), child, LoRALinear(module, rank, alpha / rank, reference))
+                targets.add(child)
+    head = getattr(model, 'score', None)
+    if head is not None:
+        head.float().requires_grad_(True)
+    model.lora_config = dict(peft_type='LORA', task_type='CAUSAL_LM' if head is None else 'SEQ_CLS',
+                             base_model_name_or_path=model.name_or_path, r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                             target_modules=sorted(targets), bias='none', fan_in_fan_out=False, use_rslora=False,
+                             use_dora=False, init_lora_weights=True, inference_mode=True,
+                             modules_to_save=None if head is None else ['score'])
+    return model
+
+
+def mixed_parameters(policy, ref):
+    """(reference parameters, policy parameters), pairwise what update_reference mixes: every parameter of the two
+    models, or in a LoRA run each adapted Linear's (A_ref, A) and (B_ref, B); none when the reference is the base."""
+    if not isinstance(ref, AdapterReference):
+        return list(ref.parameters()), list(policy.parameters())
+    modules = [m for m in policy.modules() if isinstance(m, LoRALinear)] if ref.adapters == 'reference' else []
+    return [p for m in modules for p in (m.ref_A, m.ref_B)], [p for m in modules for p in (m.lora_A, m.lora_B)]
+
+
+def peft_key(key):  # model.layers.0.mlp.up_proj.lora_A -> base_model.model.model.layers.0.mlp.up_proj.lora_A.weight
+    return 'base_model.model.' + re.sub(r'\.(lora_[AB])$', r'.\1.weight', key)
+
+
+def split_lora_state(state, lora_config):
+    """A LoRA model's full state dict as (the merged HF weights, the policy's adapters and score head under PEFT's
+    key names, the reference adapters or None). Merged: each adapted Linear's W + (alpha/R)·B·A, and everything in
+    float32, since a delta under half an ulp of a bf16 W would vanish."""
+    scale = lora_config['lora_alpha'] / lora_config['r']
+    merged, adapters, reference = {}, {}, {}
+    for key, value in state.items():
+        module, _, name = key.rpartition('.')
+        if name in ('lora_A', 'lora_B') or key.startswith('score.'):
+            adapters[peft_key(key)] = value
+        if name in ('ref_A', 'ref_B'):
+            reference[key] = value
+        elif module.endswith('.base'):
+            owner = module.removesuffix('.base')
+            merged[f'{owner}.{name}'] = value.float() + (
+                scale * state[f'{owner}.lora_B'] @ state[f'{owner}.lora_A'] if name == 'weight' else 0)
+        elif name not in ('lora_A', 'lora_B'):
+            merged[key] = value.float() if value.is_floating_point() else value
+    return merged, adapters, reference or None
+
+
+def write_adapter(folder, adapters, lora_config):
+    """The policy's adapters as PEFT saves them, which peft.PeftModel.from_pretrained(base, folder) loads."""
+    from safetensors.torch import save_file
+    (folder / 'adapter_config.json').write_text(json.dumps(lora_config, indent=2))
+    save_file({k: v.contiguous() for k, v in adapters.items()}, folder / 'adapter_model.safetensors',
+              metadata={'format': 'pt'})
+
+
+def read_adapter(folder):
+    """write_adapter's tensors under the model's own parameter names."""
+    from safetensors.torch import load_file
+    return {re.sub(r'\.(lora_[AB])\.weight$', r'.\1', k.removeprefix('base_model.model.')): v
+            for k, v in load_file(Path(folder) / 'adapter_model.safetensors').items()}
+
+
+def memory_estimate(policy, ref, world):
+    """Estimated bytes per device of a run's state: the policy's weights (LoRA: the base in the compute dtype and the
+    float32 adapters), the gradients and AdamW's two moments of the trained parameters, and the reference (a second
+    float32 model, a LoRA run's reference adapters, or nothing). FSDP shards each over the world (a world of one holds
+    it whole). Activations, FSDP's gathered layers and autocast's bf16 copies come on top."""
+    ref_params = mixed_parameters(policy, ref)[0] if ref is not None else []
+    in_ref = {id(p) for p in ref_params}
+    trained = [p for p in policy.parameters() if p.requires_grad]
+
+    def size(params):
+        return sum(p.numel() * p.element_size() for p in params) / world
+    return {'weights': size(p for p in policy.parameters() if id(p) not in in_ref), 'gradients': size(trained),
+            'optimizer': 2 * size(trained), 'reference': size(ref_params)}
 
 
 # -----------------------------------------------------------------------------
@@ -605,11 +785,18 @@ def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
     in float32, which resume reads back), the tokenizer, state.pt (reference, optimizer, step, config) and, last,
     checkpoint.json with the sha256 of each file. commit_checkpoint then moves them into out_dir. A kill at any point
     leaves a whole checkpoint: before checkpoint.json exists the previous one is untouched, after it the move is
-    finished by the next start. A failed write (a full disk) stops the run in one line."""
+    finished by the next start. A failed write (a full disk) stops the run in one line. A LoRA run's HF model is the
+    merged policy, for users; resume rebuilds the base from init_from and reads the adapters: the policy's from the
+    PEFT adapter files beside it, the reference's from state.pt."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     policy_state = get_model_state_dict(policy, options=options)
-    state = {'ref': get_model_state_dict(ref, options=options) if ref is not None else None,
-             'optimizer': get_optimizer_state_dict(policy, optimizer, options=options), 'iter': it, 'config': cfg}
+    lora_config = getattr(policy, 'lora_config', None)
+    if lora_config:
+        policy_state, adapters, ref_state = split_lora_state(policy_state, lora_config)
+    else:
+        ref_state = get_model_state_dict(ref, options=options) if ref is not None else None
+    state = {'ref': ref_state, 'optimizer': get_optimizer_state_dict(policy, optimizer, options=options), 'iter': it,
+             'config': cfg}
     if master:
         out_dir = Path(out_dir)
         tmp = out_dir / '.tmp_checkpoint'
@@ -617,6 +804,10 @@ def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
         try:
             # one weights file (no shards), so that replacing it is a single atomic step
             policy.save_pretrained(tmp, state_dict=policy_state, max_shard_size='10000GB')
+            if lora_config:  # transformers records the dtype of the first parameter, the base's: the merge is float32
+                config = json.loads((tmp / 'config.json').read_text())
+                (tmp / 'config.json').write_text(json.dumps({**config, 'dtype': 'float32'}, indent=2))
+                write_adapter(tmp, adapters, lora_config)
             tokenizer.save_pretrained(tmp)
             (tmp / 'nanotr_config.json').write_text(json.dumps(cfg, indent=2))
             torch.save(state, tmp / 'state.pt')
@@ -649,9 +840,13 @@ def commit_checkpoint(out_dir):
 
 
 def load_checkpoint(out_dir, ref, optimizer, policy):
-    """Restores the reference and the optimizer on every rank (the policy is out_dir's HF model); returns the step."""
+    """Restores the reference and the optimizer on every rank (the policy is out_dir's HF model; a LoRA run's base is
+    init_from's, its adapters are read here); returns the step."""
     state = torch.load(Path(out_dir) / 'state.pt', map_location='cpu', mmap=True, weights_only=True)
-    if ref is not None:
+    if getattr(policy, 'lora_config', None):
+        set_model_state_dict(policy, {**read_adapter(out_dir), **(state['ref'] or {})},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    elif ref is not None:
         set_model_state_dict(ref, state['ref'], options=StateDictOptions(full_state_dict=True))
     set_optimizer_state_dict(policy, optimizer, state['optimizer'], options=StateDictOptions(full_state_dict=True))
     return state['iter']
@@ -744,24 +939,41 @@ def load_data(cfg, master, global_micro):
 
 
 def load_models(cfg, device, world):
-    """(policy, reference or None, compute dtype), both with fp32 master weights. A bf16 reference would round small
-    soft updates away (a change under half an ulp vanishes); fp32 costs 4 bytes per parameter per GPU, divided by the
-    FSDP world."""
-    spec = LOSSES[cfg['loss']]
+    """(policy, reference or None, compute dtype). Full fine-tuning: two models with fp32 master weights. A bf16
+    reference would round small soft updates away (a change under half an ulp vanishes); fp32 costs 4 bytes per
+    parameter per GPU, divided by the FSDP world. LoRA: one model, its base weights frozen in the compute dtype with
+    the policy's and the reference's float32 adapters (add_lora); the reference is that model with its adapters
+    selected. Under torchrun only rank 0 reads weights: the other ranks build the models on the meta device and
+    receive their shards from rank 0 (fill_from_rank0)."""
+    spec, lora = LOSSES[cfg['loss']], cfg['lora_rank'] > 0
     compute_dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device.type == 'cuda' else 'float32')
     bf16 = compute_dtype == 'bfloat16'
     mesh = dist.device_mesh.init_device_mesh(device.type, (world,))
-    # a resumed run's policy is out_dir's HF model (float32, saved once), the rest of its state is in state.pt
-    policy, ref = load_model(cfg['out_dir'] if cfg['resume'] else cfg['init_from'], reward_model=spec.rm), None
-    if spec.reference:
-        ref = load_model(cfg['ref_from']) if cfg['ref_from'] else copy.deepcopy(policy)  # before any sharding
+    meta = dist.get_rank() != 0
+    # a resumed run's policy is out_dir's HF model (float32, saved once), the rest of its state is in state.pt; a
+    # LoRA run's is init_from with the adapters in out_dir (load_checkpoint): a merged weight cannot be un-merged
+    name = cfg['out_dir'] if cfg['resume'] and not lora else cfg['init_from']
+    policy = load_model(name, spec.rm, getattr(torch, compute_dtype) if lora else torch.float32, meta)
+    moving = spec.reference and cfg['ref_update'] != 'none'
+    if lora:
+        add_lora(policy, cfg['lora_rank'], cfg['lora_alpha'], reference=moving)
+    weights = {} if meta else policy.state_dict()  # rank 0's, the source of every rank's shards
+    ref = AdapterReference(policy, 'reference' if moving else None) if spec.reference and lora else None
+    if spec.reference and not lora:
+        if cfg['ref_from']:
+            ref = load_model(cfg['ref_from'], meta=meta)
+            ref_weights = {} if meta else ref.state_dict()
+        else:  # the policy's weights, copied before any sharding, or sent from rank 0's
+            ref, ref_weights = copy.deepcopy(policy) if world == 1 else load_model(name, meta=True), weights
         ref.requires_grad_(False).eval()
         distribute_model(ref, mesh, bf16, reshard_root=True)  # root gathered only during its forward
+        fill_from_rank0(ref, ref_weights, device)
     if cfg['grad_checkpoint']:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     distribute_model(policy, mesh, bf16, reshard_root=False)
+    fill_from_rank0(policy, weights, device)
     policy.train()
-    if ref is not None and [p.shape for p in policy.parameters()] != [p.shape for p in ref.parameters()]:
+    if cfg['ref_from'] and [p.shape for p in policy.parameters()] != [p.shape for p in ref.parameters()]:
         raise SystemExit('error: ref_from must have the same architecture as init_from (the update mixes them)')
     return policy, ref, compute_dtype
 
