@@ -670,6 +670,7 @@ def split_lora_state(state, lora_config):
 def write_adapter(folder, adapters, lora_config):
     """The policy's adapters as PEFT saves them, which peft.PeftModel.from_pretrained(base, folder) loads."""
     from safetensors.torch import save_file
+    folder.mkdir()
     (folder / 'adapter_config.json').write_text(json.dumps(lora_config, indent=2))
     save_file({k: v.contiguous() for k, v in adapters.items()}, folder / 'adapter_model.safetensors',
               metadata={'format': 'pt'})
@@ -786,8 +787,9 @@ def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
     checkpoint.json with the sha256 of each file. commit_checkpoint then moves them into out_dir. A kill at any point
     leaves a whole checkpoint: before checkpoint.json exists the previous one is untouched, after it the move is
     finished by the next start. A failed write (a full disk) stops the run in one line. A LoRA run's HF model is the
-    merged policy, for users; resume rebuilds the base from init_from and reads the adapters: the policy's from the
-    PEFT adapter files beside it, the reference's from state.pt."""
+    merged policy, for users; resume rebuilds the base from init_from and reads the adapters: the policy's from
+    out_dir/adapter (PEFT's files: beside the model, transformers would load them a second time over the merged
+    weights), the reference's from state.pt."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     policy_state = get_model_state_dict(policy, options=options)
     lora_config = getattr(policy, 'lora_config', None)
@@ -807,11 +809,11 @@ def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
             if lora_config:  # transformers records the dtype of the first parameter, the base's: the merge is float32
                 config = json.loads((tmp / 'config.json').read_text())
                 (tmp / 'config.json').write_text(json.dumps({**config, 'dtype': 'float32'}, indent=2))
-                write_adapter(tmp, adapters, lora_config)
+                write_adapter(tmp / 'adapter', adapters, lora_config)
             tokenizer.save_pretrained(tmp)
             (tmp / 'nanotr_config.json').write_text(json.dumps(cfg, indent=2))
             torch.save(state, tmp / 'state.pt')
-            manifest = {'iter': it, 'sha256': {f.name: sha256(f) for f in sorted(tmp.iterdir())}}
+            manifest = {'iter': it, 'sha256': {str(f.relative_to(tmp)): sha256(f) for f in files(tmp)}}
             (tmp / 'checkpoint.json.tmp').write_text(json.dumps(manifest, indent=2))
             os.replace(tmp / 'checkpoint.json.tmp', tmp / 'checkpoint.json')  # from here on, the save is complete
         except Exception as e:  # a full disk is an OSError, a RuntimeError (torch.save) or a SafetensorError
@@ -820,7 +822,7 @@ def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
                              f'{" ".join(str(e).split())}); the previous checkpoint in {out_dir} is intact')
         umask = os.umask(0)
         os.umask(umask)
-        for f in tmp.iterdir():  # as any new file: transformers writes model.safetensors with mode 0600
+        for f in files(tmp):  # as any new file: transformers writes model.safetensors with mode 0600
             f.chmod(0o666 & ~umask)
         commit_checkpoint(out_dir)
     dist.barrier()
@@ -834,9 +836,14 @@ def commit_checkpoint(out_dir):
     if not (tmp / 'checkpoint.json').is_file():
         shutil.rmtree(tmp, ignore_errors=True)
         return
-    for f in sorted(tmp.iterdir(), key=lambda f: (f.name == 'checkpoint.json', f.name == 'state.pt')):
-        os.replace(f, Path(out_dir) / f.name)
-    tmp.rmdir()
+    for f in sorted(files(tmp), key=lambda f: (f.name == 'checkpoint.json', f.name == 'state.pt')):
+        (Path(out_dir) / f.relative_to(tmp)).parent.mkdir(exist_ok=True)
+        os.replace(f, Path(out_dir) / f.relative_to(tmp))
+    shutil.rmtree(tmp)  # its empty folders
+
+
+def files(folder):  # the files of a checkpoint folder, and of its folders (a LoRA run's adapter/), sorted
+    return sorted(f for f in folder.rglob('*') if f.is_file())
 
 
 def load_checkpoint(out_dir, ref, optimizer, policy):
@@ -844,7 +851,7 @@ def load_checkpoint(out_dir, ref, optimizer, policy):
     init_from's, its adapters are read here); returns the step."""
     state = torch.load(Path(out_dir) / 'state.pt', map_location='cpu', mmap=True, weights_only=True)
     if getattr(policy, 'lora_config', None):
-        set_model_state_dict(policy, {**read_adapter(out_dir), **(state['ref'] or {})},
+        set_model_state_dict(policy, {**read_adapter(Path(out_dir) / 'adapter'), **(state['ref'] or {})},
                              options=StateDictOptions(full_state_dict=True, strict=False))
     elif ref is not None:
         set_model_state_dict(ref, state['ref'], options=StateDictOptions(full_state_dict=True))
