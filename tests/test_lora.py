@@ -182,8 +182,8 @@ def test_checkpoint_loads_in_peft_transformers_and_sample(tmp_path):
     assert [r['ref_updates'] for r in records] == [0, 1, 1, 2]
     assert not (out / 'adapter_config.json').exists()  # beside the merged model, transformers would apply it again
 
-    base, merged, adapters = load_file(REPO / 'data/tiny/sft/model.safetensors'), load_file(out / 'model.safetensors'), \
-        read_adapters(out)
+    base, merged = load_file(REPO / 'data/tiny/sft/model.safetensors'), load_file(out / 'model.safetensors')
+    adapters = read_adapters(out)
     config = json.loads((out / 'adapter' / 'adapter_config.json').read_text())
     for key in base:
         module = key.removesuffix('.weight')
