@@ -512,21 +512,26 @@ def decoder_blocks(model):
     return blocks
 
 
-def fill_from_rank0(model, weights, device):
-    """Under torchrun, each rank's shards of a sharded model from the full state dict `weights` that rank 0 holds ({} on
-    the other ranks, whose model is on the meta device), broadcast one tensor at a time: no rank but 0 ever holds a
-    whole model. Non-persistent buffers (RoPE's inv_freq) are in no state dict, so a meta model gets storage
-    (to_empty) and then those buffers as transformers initializes them."""
-    if dist.get_world_size() == 1:
-        return
+def shard_from_rank0(model, mesh, bf16, device, reshard_root, copy_of=None):
+    """distribute_model, then under torchrun each rank's shards: broadcast one tensor at a time from rank 0, the only
+    rank that read the weights (the others built the model on the meta device), or copied from the local shards of
+    copy_of, a model of the same architecture sharded the same way. No rank but 0 ever holds a whole model. The
+    non-persistent buffers of a meta model (RoPE's inv_freq) are in no state dict: they are recomputed as transformers
+    initializes them."""
+    weights = model.state_dict() if dist.get_rank() == 0 and mesh.size() > 1 and copy_of is None else {}
+    distribute_model(model, mesh, bf16, reshard_root)
+    if mesh.size() == 1:
+        return model
     if any(p.device.type == 'meta' for p in model.parameters()):
         model.to_empty(device=device)
         for module in model.modules():
             if module._non_persistent_buffers_set:
                 model._init_weights(module)
-    # a copy: set_model_state_dict puts the local shards into the dict it is given, and `weights` may fill two models
-    set_model_state_dict(model, dict(weights),
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if copy_of is not None:
+        update_reference(copy_of, model, 1.0)
+    else:
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
 
 
 LOGPS_CHUNK = 256  # response tokens per log-softmax: [256, V] float32 is 50 MB for V = 49,152, 131 MB for 128k
@@ -950,8 +955,8 @@ def load_models(cfg, device, world):
     reference would round small soft updates away (a change under half an ulp vanishes); fp32 costs 4 bytes per
     parameter per GPU, divided by the FSDP world. LoRA: one model, its base weights frozen in the compute dtype with
     the policy's and the reference's float32 adapters (add_lora); the reference is that model with its adapters
-    selected. Under torchrun only rank 0 reads weights: the other ranks build the models on the meta device and
-    receive their shards from rank 0 (fill_from_rank0)."""
+    selected. Under torchrun only rank 0 reads weights, and it frees them once the policy is sharded; the other ranks
+    build the models on the meta device and receive their shards (shard_from_rank0)."""
     spec, lora = LOSSES[cfg['loss']], cfg['lora_rank'] > 0
     compute_dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device.type == 'cuda' else 'float32')
     bf16 = compute_dtype == 'bfloat16'
@@ -964,22 +969,21 @@ def load_models(cfg, device, world):
     moving = spec.reference and cfg['ref_update'] != 'none'
     if lora:
         add_lora(policy, cfg['lora_rank'], cfg['lora_alpha'], reference=moving)
-    weights = {} if meta else policy.state_dict()  # rank 0's, the source of every rank's shards
-    ref = AdapterReference(policy, 'reference' if moving else None) if spec.reference and lora else None
-    if spec.reference and not lora:
-        if cfg['ref_from']:
-            ref = load_model(cfg['ref_from'], meta=meta)
-            ref_weights = {} if meta else ref.state_dict()
-        else:  # the policy's weights, copied before any sharding, or sent from rank 0's
-            ref, ref_weights = copy.deepcopy(policy) if world == 1 else load_model(name, meta=True), weights
-        ref.requires_grad_(False).eval()
-        distribute_model(ref, mesh, bf16, reshard_root=True)  # root gathered only during its forward
-        fill_from_rank0(ref, ref_weights, device)
+    # without ref_from the reference is a copy of the policy: made before any sharding in a world of one; under
+    # torchrun a model on the meta device that receives a copy of the policy's shards
+    copied = spec.reference and not lora and not cfg['ref_from']
+    ref = (copy.deepcopy(policy) if world == 1 else load_model(name, meta=True)) if copied else None
     if cfg['grad_checkpoint']:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-    distribute_model(policy, mesh, bf16, reshard_root=False)
-    fill_from_rank0(policy, weights, device)
+    shard_from_rank0(policy, mesh, bf16, device, reshard_root=False)
     policy.train()
+    if spec.reference and lora:
+        ref = AdapterReference(policy, 'reference' if moving else None)
+    elif spec.reference:
+        ref = ref or load_model(cfg['ref_from'], meta=meta)
+        ref.requires_grad_(False).eval()
+        # root gathered only during its forward
+        shard_from_rank0(ref, mesh, bf16, device, reshard_root=True, copy_of=policy if copied else None)
     if cfg['ref_from'] and [p.shape for p in policy.parameters()] != [p.shape for p in ref.parameters()]:
         raise SystemExit('error: ref_from must have the same architecture as init_from (the update mixes them)')
     return policy, ref, compute_dtype
