@@ -3,6 +3,7 @@ when `trl` is importable (it is never a dependency: install it in a scratch venv
 
     python tests/bench_train.py                          # tiny and SmolLM2, float32 and bfloat16, nanoTR and TRL
     python tests/bench_train.py --models=tiny --dtypes=float32 --trainers=nanotr
+    python tests/bench_train.py --models=smollm2-lora     # the LoRA rows alone (bfloat16)
 
 The setting both trainers run: TR-DPO (β = 0.1, soft update α = 0.6 every 2 steps: TRL's sync_ref_model with
 ref_model_mixup_alpha and ref_model_sync_steps), AdamW at lr 1e-6, max grad norm 2, no gradient checkpointing, no
@@ -11,14 +12,18 @@ precision here, autocast in TRL).
     tiny     data/toy's SFT model (0.13M parameters) on data/toy's pairs, 8 pairs per step
     smollm2  SmolLM2-135M-Instruct (data/smollm2/prepare.py) on HH rows as chat messages that need no truncation at
              max_length 256 (../shared's HH sample through data/hh/prepare.py --messages, or --hh=FILE), 4 pairs per step
+    smollm2-lora  the same with LoRA, bfloat16 only: rank 16, alpha 32 on every attention and MLP projection, the base
+             in bf16 and the adapters float32 in both. nanoTR runs TR-DPO (its reference adapters move); TRL cannot
+             move a PEFT reference (its reference is the base, adapters off), so it runs plain LoRA-DPO, the closest
 Each (model, dtype, trainer) runs in its own process, so peak memory is the peak RSS of that process alone (read after
 the last timed step, before any checkpoint). Throughput is the mean over the timed steps, after warm-up steps:
     pairs/s    preference pairs per second
     tokens/s   the tokens each trainer runs through the model, padding excluded: prompt + chosen + rejected for
                nanoTR (each prompt once), prompt + chosen + prompt + rejected for TRL
-    MFU        8·N·tokens FLOPs per second (policy forward and backward 6N, reference forward 2N per token) over the
-               machine's matmul peak, measured here with a 2048 × 2048 matmul in the same dtype (nanoTR computes the
-               head only at response positions, so its true FLOPs are somewhat lower)
+    MFU        8·N·tokens FLOPs per second (policy forward and backward 6N, reference forward 2N per token; LoRA
+               6N: the frozen base has no weight gradients) over the machine's matmul peak, measured here with a
+               2048 × 2048 matmul in the same dtype (nanoTR computes the head only at response positions, so its true
+               FLOPs are somewhat lower)
 """
 import argparse
 import json
@@ -38,7 +43,10 @@ SHARED_HH = REPO.parent / 'shared/data/hh_harmless_test_first300.jsonl'
 MODELS = {
     'tiny': dict(init_from=str(REPO / 'data/toy/sft'), pairs=8, max_length=128, warmup=5, steps=30),
     'smollm2': dict(init_from=str(REPO / 'data/smollm2/model'), pairs=4, max_length=256, warmup=2, steps=8),
+    'smollm2-lora': dict(init_from=str(REPO / 'data/smollm2/model'), pairs=4, max_length=256, warmup=2, steps=8,
+                         lora_rank=16, lora_alpha=32, dtypes=('bfloat16',)),
 }
+LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']  # train_tr's, in Llama
 SETTINGS = dict(beta=0.1, lr=1e-6, tr_alpha=0.6, tr_tau=2, grad_clip=2.0)
 
 
@@ -109,7 +117,8 @@ def run_nanotr(model, dtype, path, out_dir):
                                f"--max_prompt_length={spec['max_length'] - 1}", f'--max_iters={max_iters}',
                                '--loss=dpo', '--ref_update=soft', '--warmup_iters=0', '--log_interval=1',
                                f'--eval_interval={max_iters + 1}', f'--dtype={dtype}', '--device=cpu',
-                               *[f'--{k}={v}' for k, v in SETTINGS.items()]])
+                               *[f'--{k}={v}' for k, v in SETTINGS.items()],
+                               *[f'--{k}={spec[k]}' for k in ('lora_rank', 'lora_alpha') if k in spec]])
     train_tr.train(cfg)
     records = [json.loads(line) for line in (Path(out_dir) / 'metrics.jsonl').read_text().splitlines()]
     timed_steps = [r for r in records if 'step_time' in r][spec['warmup']:]
@@ -132,18 +141,24 @@ def run_trl(model, dtype, path, out_dir):
             peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
 
     torch.manual_seed(1337)
-    policy = AutoModelForCausalLM.from_pretrained(spec['init_from'], dtype=torch.float32)
+    lora = 'lora_rank' in spec  # as PEFT users load it: the base in bf16 (PEFT keeps the adapters float32)
+    policy = AutoModelForCausalLM.from_pretrained(spec['init_from'], dtype=torch.bfloat16 if lora else torch.float32)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=spec['lora_rank'], lora_alpha=spec['lora_alpha'], target_modules=LORA_TARGETS,
+                                 lora_dropout=0.0, task_type='CAUSAL_LM')
     tokenizer = AutoTokenizer.from_pretrained(spec['init_from'])
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     args = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=spec['pairs'],
                      max_steps=spec['warmup'] + spec['steps'], max_length=spec['max_length'], beta=SETTINGS['beta'],
                      learning_rate=SETTINGS['lr'], max_grad_norm=SETTINGS['grad_clip'], lr_scheduler_type='constant',
-                     sync_ref_model=True, ref_model_mixup_alpha=SETTINGS['tr_alpha'],
+                     sync_ref_model=not lora, ref_model_mixup_alpha=SETTINGS['tr_alpha'],
                      ref_model_sync_steps=SETTINGS['tr_tau'], bf16=dtype == 'bfloat16', use_cpu=True,
                      gradient_checkpointing=False, logging_steps=1, save_strategy='no', report_to=[],
                      dataloader_num_workers=0, disable_tqdm=True)
     trainer = DPOTrainer(model=policy, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=[Timer()])
+                         processing_class=tokenizer, callbacks=[Timer()], peft_config=peft_config)
     trainer.train()
     return step_times[spec['warmup']:], peaks[-1]
 
@@ -169,14 +184,14 @@ def main(args):
     peaks = {dtype: matmul_peak(getattr(torch, dtype)) for dtype in args.dtypes.split(',')}
     print('matmul peak (2048 x 2048): ' + ', '.join(f'{d} {p / 1e9:.0f} GFLOP/s' for d, p in peaks.items()))
     results = {}
-    print(f"{'model':8} {'dtype':9} {'trainer':7} {'pairs/s':>8} {'tokens/s':>9} {'step s':>7} {'peak GB':>8} "
+    print(f"{'model':12} {'dtype':9} {'trainer':7} {'pairs/s':>8} {'tokens/s':>9} {'step s':>7} {'peak GB':>8} "
           f"{'MFU':>6}")
     for model in args.models.split(','):
         from transformers import AutoConfig, AutoModelForCausalLM
         with torch.device('meta'):
             n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
                 AutoConfig.from_pretrained(MODELS[model]['init_from'])).parameters())
-        for dtype in args.dtypes.split(','):
+        for dtype in [d for d in args.dtypes.split(',') if d in MODELS[model].get('dtypes', (d,))]:
             for trainer in trainers:
                 proc = subprocess.run([sys.executable, __file__, '--worker', f'--models={model}', f'--dtypes={dtype}',
                                        f'--trainers={trainer}', f'--hh={args.hh}'], capture_output=True, text=True,
@@ -187,9 +202,9 @@ def main(args):
                 r = json.loads(lines[0][len('RESULT '):])
                 pairs_per_sec = MODELS[model]['pairs'] / r['step_time']
                 tokens_per_sec = pairs_per_sec * r['tokens_per_pair']
-                mfu = 8 * n_params * tokens_per_sec / peaks[dtype]
+                mfu = (6 if 'lora_rank' in MODELS[model] else 8) * n_params * tokens_per_sec / peaks[dtype]
                 results[model, dtype, trainer] = pairs_per_sec, r['peak_gb']
-                print(f"{model:8} {dtype:9} {trainer:7} {pairs_per_sec:8.2f} {tokens_per_sec:9.0f} "
+                print(f"{model:12} {dtype:9} {trainer:7} {pairs_per_sec:8.2f} {tokens_per_sec:9.0f} "
                       f"{r['step_time']:7.3f} {r['peak_gb']:8.2f} {mfu:6.1%}", flush=True)
     for (model, dtype, trainer), (speed, peak) in results.items():
         if trainer == 'trl' and (model, dtype, 'nanotr') in results:
@@ -199,7 +214,7 @@ def main(args):
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', default='tiny,smollm2')
+    parser.add_argument('--models', default='tiny,smollm2,smollm2-lora')
     parser.add_argument('--dtypes', default='float32,bfloat16')
     parser.add_argument('--trainers', default='nanotr,trl')
     parser.add_argument('--hh', default=str(SHARED_HH), help='raw Anthropic HH jsonl for the SmolLM2 rows')
