@@ -647,10 +647,6 @@ def mixed_parameters(policy, ref):
     return [p for m in modules for p in (m.ref_A, m.ref_B)], [p for m in modules for p in (m.lora_A, m.lora_B)]
 
 
-def peft_key(key):  # model.layers.0.mlp.up_proj.lora_A -> base_model.model.model.layers.0.mlp.up_proj.lora_A.weight
-    return 'base_model.model.' + re.sub(r'\.(lora_[AB])$', r'.\1.weight', key)
-
-
 def split_lora_state(state, lora_config):
     """A LoRA model's full state dict as (the merged HF weights, the policy's adapters and score head under PEFT's
     key names, the reference adapters or None). Merged: each adapted Linear's W + (alpha/R)·B·A, and everything in
@@ -659,8 +655,8 @@ def split_lora_state(state, lora_config):
     merged, adapters, reference = {}, {}, {}
     for key, value in state.items():
         module, _, name = key.rpartition('.')
-        if name in ('lora_A', 'lora_B') or key.startswith('score.'):
-            adapters[peft_key(key)] = value
+        if name in ('lora_A', 'lora_B') or key.startswith('score.'):  # PEFT's names: base_model.model.{key}[.weight]
+            adapters['base_model.model.' + re.sub(r'\.(lora_[AB])$', r'.\1.weight', key)] = value
         if name in ('ref_A', 'ref_B'):
             reference[key] = value
         elif module.endswith('.base'):
