@@ -303,7 +303,7 @@ def train(cfg):
     master = rank == 0
     micro_size = micro_batch_size(cfg, world)
     print0(textwrap.fill(' '.join(f'{k}={v!r}' for k, v in cfg.items()), 120, initial_indent='config: '))
-    torch.manual_seed(cfg['seed'])  # the reward model's score head; nothing else draws from torch's generator
+    torch.manual_seed(cfg['seed'])  # a new score head, LoRA's A; nothing else draws from torch's generator
     # every input is checked before out_dir is touched
     tokenizer, train_pairs, eval_pairs = load_data(cfg, master, world * micro_size)
     # what the pairs were read from, checked at resume like the settings: the same path may hold other data by then
@@ -312,8 +312,8 @@ def train(cfg):
     out_dir, lock = Path(cfg['out_dir']), open_out_dir(cfg, master)
     policy, ref, compute_dtype = load_models(cfg, device, world)
     trained = [p for p in policy.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in policy.parameters()) - (sum(p.numel() for p in mixed_parameters(policy, ref)[0])
-                                                              if isinstance(ref, AdapterReference) else 0)
+    # the parameters of the policy's forward (a LoRA run's reference adapters are not)
+    n_params = sum(p.numel() for n, p in policy.named_parameters() if not n.endswith(('ref_A', 'ref_B')))
     # fused: one kernel over all parameters, ~5x faster than the default per-tensor loop (SmolLM2 on a CPU: 0.08 s)
     optimizer = torch.optim.AdamW(trained, lr=cfg['lr'], weight_decay=cfg['weight_decay'], fused=True)
     start_iter = load_checkpoint(out_dir, ref, optimizer, policy) if cfg['resume'] else 0
