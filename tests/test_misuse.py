@@ -85,7 +85,9 @@ try:
     loss = torch.tensor(float('nan') if dist.get_rank() == 1 else 0.25)
     train_tr.stop_if_not_finite(loss, torch.tensor(3.0), 7)  # the norm is already global, as clip_grad_norm_ gives it
 except SystemExit as e:
-    print(f'rank {{dist.get_rank()}}: {{e}}')
+    print(f'rank {{dist.get_rank()}}: {{e}}', flush=True)
+dist.barrier()
+dist.destroy_process_group()  # gloo can abort a process that exits with its group alive
 '''
 
 
