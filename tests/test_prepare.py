@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 SHARED_HH = ROOT.parent / "shared" / "data" / "hh_harmless_test_first300.jsonl"
@@ -53,7 +55,8 @@ TLDR_EXPECTED = [
                "crust came out black.\nWhat went wrong?\n\nTL;DR:",
      "chosen": " Followed a sourdough recipe, crust burnt black; asking what went wrong.",
      "rejected": " bread bad"},
-    {"prompt": "SUBREDDIT: r/relationships\n\nTITLE: Friend keeps cancelling plans\n\nPOST: We have planned dinner five "
+    {"prompt": "SUBREDDIT: r/relationships\n\nTITLE: Friend keeps cancelling plans\n\nPOST: We have planned dinner "
+               "five "
                "times and she cancels every time.\n\nTL;DR:",
      "chosen": " Friend has cancelled dinner five times in a row; should I stop asking?",
      "rejected": " my friend cancels"},
@@ -74,7 +77,8 @@ def test_hh_fixture():
 def test_hh_skip_reasons_inline():
     H, A = "\n\nHuman:", "\n\nAssistant:"
     assert hh.hh_to_canonical({"chosen": f"{H} hi", "rejected": f"{H} hi"}) == "no assistant turn"
-    assert hh.hh_to_canonical({"chosen": f"{H} a{A} b{H} c{A} d", "rejected": f"{H} a{A} X{H} c{A} e"}) == "prompt mismatch"
+    assert hh.hh_to_canonical({"chosen": f"{H} a{A} b{H} c{A} d",
+                               "rejected": f"{H} a{A} X{H} c{A} e"}) == "prompt mismatch"
     assert hh.hh_to_canonical({"chosen": f"{H} a{A}  \n", "rejected": f"{H} a{A} b"}) == "empty response"
     assert hh.hh_to_canonical({"chosen": f"{H} a{A} b", "rejected": f"{H} a{A}"}) == "empty response"
     assert hh.hh_to_canonical({"chosen": f"{H} a{A} b", "rejected": f"{H} a{A} b"}) == "identical responses"
@@ -130,18 +134,41 @@ def test_hh_cli_directory_and_glob(tmp_path):
     assert read_jsonl(tmp_path / "glob" / "train.jsonl") == HH_EXPECTED
 
 
+def test_hh_test_rows_split_one_file(tmp_path):
+    """--test_rows: one raw file (named neither train nor test) gives both splits, its last rows the test split."""
+    raw = tmp_path / "hh.jsonl.gz"
+    shutil.copy(FIXTURES / "hh_raw_train.jsonl.gz", raw)
+    rows = read_jsonl(raw)
+    stdout = run_script("data/hh/prepare.py", f"--raw={raw}", "--test_rows=3", f"--out_dir={tmp_path / 'out'}")
+    (train, train_skipped), (test, test_skipped) = hh.convert(rows[:-3]), hh.convert(rows[-3:])
+    assert stdout.splitlines() == [hh.summary("hh", "train", train, train_skipped),
+                                   hh.summary("hh", "test", test, test_skipped)]
+    assert read_jsonl(tmp_path / "out" / "train.jsonl") == train and read_jsonl(tmp_path / "out" / "test.jsonl") == test
+    assert train and test and train + test == HH_EXPECTED
+    for args, message in ([f"--raw={raw}", "--test_rows=8"], "error: --test_rows=8 leaves no training rows: --raw "
+                          "holds 8 rows"), (["--test_rows=3"], "error: --test_rows splits local --raw files; the hub's "
+                                            "HH has its own test split"), ([f"--raw={raw}"], "error: cannot tell"):
+        proc = subprocess.run([sys.executable, "data/hh/prepare.py", *args, f"--out_dir={tmp_path / 'refused'}"],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.startswith(message) and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "refused").exists()
+
+
 def test_tldr_cli(tmp_path):
     stdout = run_script("data/tldr/prepare.py", f"--raw={FIXTURES / 'tldr_raw.jsonl'}", f"--out_dir={tmp_path}")
     assert stdout.strip() == ("tldr train: kept 2 of 6 rows (skipped: 1 cnn/dm, 1 identical summaries, "
                               "1 empty summary, 1 non-string field)")
     assert read_jsonl(tmp_path / "train.jsonl") == TLDR_EXPECTED
-    run_script("data/tldr/prepare.py", f"--raw={FIXTURES / 'tldr_raw.jsonl'}", f"--out_dir={tmp_path}", "--reddit_only=False")
+    run_script("data/tldr/prepare.py", f"--raw={FIXTURES / 'tldr_raw.jsonl'}", f"--out_dir={tmp_path}",
+               "--reddit_only=False")
     assert read_jsonl(tmp_path / "train.jsonl") == TLDR_EXPECTED[:2] + [TLDR_CNNDM]
 
 
 def test_tldr_parquet_validation_is_test(tmp_path):
     """HF snapshots ship parquet named validation-*.parquet; that split is written as test.jsonl."""
-    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    require("pyarrow", "pip install pyarrow (datasets, in requirements.txt, installs it)")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist(read_jsonl(FIXTURES / "tldr_raw.jsonl")[:2]), tmp_path / "validation-0.parquet")
     run_script("data/tldr/prepare.py", f"--raw={tmp_path / 'validation-0.parquet'}", f"--out_dir={tmp_path / 'out'}")
     assert read_jsonl(tmp_path / "out" / "test.jsonl") == TLDR_EXPECTED
@@ -170,3 +197,9 @@ def test_hh_real_rows(tmp_path):
     assert stdout.strip() == f"hh test: kept {len(chat)} of 300 rows (skipped: 1 empty response)" and len(chat) == 299
     for row, text in zip(chat, kept):  # the same dialogues: each turn's text is in the HH prompt
         assert row["prompt"][-1]["role"] == "user" and all(t["content"] in text["prompt"] for t in row["prompt"])
+    # README's real-model recipe: both splits from this one file, offline
+    stdout = run_script("data/hh/prepare.py", f"--raw={SHARED_HH}", "--test_rows=40", "--messages",
+                        f"--out_dir={tmp_path / 'split'}")
+    assert stdout.splitlines() == ["hh train: kept 259 of 260 rows (skipped: 1 empty response)",
+                                   "hh test: kept 40 of 40 rows (skipped: none)"]
+    assert read_jsonl(tmp_path / "split" / "train.jsonl") + read_jsonl(tmp_path / "split" / "test.jsonl") == chat

