@@ -16,7 +16,9 @@ Reward-model distillation (Fisch et al. 2024). A Bradley–Terry reward model r(
 pairs are labelled with k reward models (data/label.py: Δr_i = r_i(y_w) − r_i(y_l)), and with the implicit
 reward margin m = β(ρ_w − ρ_l) and KL = −(ρ_w + ρ_l)/2, an estimate of KL(π_ref‖π_θ) on the dataset responses:
     distill   (m − Δr)²                                  d-DPO; Δr = Δr_1, or the ensemble mean (distill_reduce)
-    edistill  min_i (m − Δr_i)² + γ·KL                   e-DPO: pessimistic over k reward models; γ = pessimism_gamma
+    edistill  min_i E_B[(m − Δr_i)²] + γ·KL              e-DPO: pessimistic over k reward models; γ = pessimism_gamma;
+                                                         the min of the batch's mean loss (edistill_min=batch),
+                                                         or E_B[min_i (m − Δr_i)²], a min per pair (example)
     pdpo      dpo + γ·KL                                 p-DPO
 Trust region (TR-DPO / TR-IPO / TR-KTO; Gorbatovski, Shaposhnikov et al., ICLR 2025, §3): the loss is unchanged, only
 π_ref moves. After optimizer step k, when k % τ == 0:
@@ -91,7 +93,8 @@ kto_desirable_weight = 1.0      # kto: λ_D
 kto_undesirable_weight = 1.0    # kto: λ_U
 rm_center_coef = 0.0            # rm: weight c of the reward-centring term c·(r_w + r_l)² (TRL suggests 0.01)
 distill_reduce = 'first'        # distill: target margin of the first reward model, or 'mean' over the ensemble
-edistill_min = 'example'        # edistill: min over reward models per pair, or 'batch': of the global micro-batch mean
+edistill_min = 'batch'          # edistill: min over reward models of the global micro-batch mean (the paper's min of
+                                #   the whole loss), or 'example': per pair (README: e-DPO)
 pessimism_gamma = 0.1           # edistill, pdpo: γ, weight of the KL(π_ref‖π_θ) term (ours; the paper tunes it)
 # trust region
 ref_update = 'soft'             # none | soft | hard
@@ -169,9 +172,10 @@ def distill_loss(x, cfg):
 
 
 def edistill_loss(x, cfg):
-    """e-DPO keeps, of the k reward models, the one closest to the policy: the policy need only agree with some
-    plausible reward model, and γ·KL pulls it toward π_ref, so it moves only as far as the most conservative member
-    of the family allows (the pessimism; our reading of the paper, see README)."""
+    """e-DPO keeps, of the k reward models, the one closest to the policy: the policy need only agree with one
+    plausible reward model of the family, and γ·KL pulls it toward π_ref, so it moves only as far as the most
+    conservative member allows (the pessimism; our reading of the paper, see README). 'batch' takes the minimum of
+    the whole (micro-batch) loss, one member for all pairs as in the paper; 'example' a member per pair."""
     errors = (cfg['beta'] * (x.rho_chosen - x.rho_rejected)[:, None] - x.reward_margins) ** 2
     if cfg['edistill_min'] == 'example':
         closest = errors.min(-1).values

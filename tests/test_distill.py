@@ -49,7 +49,7 @@ def test_distill_hand_values():
 def test_edistill_example_min_hand_values():
     """Pair 1: errors (1 − 3)² = 4 and (1 − 0.5)² = 0.25 → 0.25.
     Pair 2: (−1.5 + 1)² = 0.25 and (−1.5 + 1.5)² = 0 → 0."""
-    close(pair_loss('edistill', *LOGPS, reward_margins=MARGINS, beta=0.5), [0.25, 0.0])
+    close(pair_loss('edistill', *LOGPS, reward_margins=MARGINS, beta=0.5, edistill_min='example'), [0.25, 0.0])
 
 
 def test_edistill_batch_min_hand_values():

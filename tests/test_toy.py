@@ -132,7 +132,8 @@ def test_snapshots_keep_each_evaluated_policy(tmp_path):
 def test_grid_quick(tmp_path):
     """The grid script's smoke setting: every run trains, every snapshot is sampled, scored and diagnosed, results.md
     has each table; the SFT point has KL exactly 0, every curve point is the gold reward and off-support fraction of
-    its samples, and each length-bias set holds the fraction ρ of longer-preferred pairs it is named for."""
+    its samples, reported on the test prompts and selected on the disjoint validation prompts, and each length-bias
+    set holds the fraction ρ of longer-preferred pairs it is named for."""
     env = dict(os.environ, HF_HUB_OFFLINE='1')
     proc = subprocess.run([sys.executable, 'data/toy/grid.py', '--quick', f'--out={tmp_path}'], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -142,19 +143,34 @@ def test_grid_quick(tmp_path):
 
 def check_grid_output(out):
     table = (out / 'results.md').read_text()
-    for row in ('| DPO | none | ', '| DPO | soft τ=1 α=0.05 | ', '| DPO | hard τ=4 | ', '| e-DPO γ=0.1 | ',
-                '| p-DPO γ=0.1 | ', '## B. Distillation'):
+    for row in ('| DPO | none | ', '| DPO | soft τ=1 α=0.05 | ', '| DPO | hard τ=4 | ', '| e-DPO per pair γ=0.1 | ',
+                '| e-DPO per batch γ=0.1 | ', '| p-DPO γ=0.1 | ', '## B. Distillation', '## A. Gold at matched KL',
+                '| DPO | **TR, all − none** | ', '## B. The mechanism', '| 0.8 | reward models, each | ',
+                '| 0.8 | SFT (step 0) | ', "Picked on the test prompts' gold instead"):
         assert row in table, row
     results = json.loads((out / 'results.json').read_text())
-    assert results['sft']['kl'] == 0.0
-    sft_rows = read(out / 'sft/samples.jsonl')
-    assert results['sft']['gold'] == pytest.approx(sum(gold_reward(r['prompt'], r['completion']) for r in sft_rows)
-                                                   / len(sft_rows))
+    validation = set(results['validation_prompts'])
+    prompts = {r['prompt'] for r in read(REPO / 'data/toy/test.jsonl')}
+    assert len(validation) == 32 and validation < prompts  # one phrasing of each category and count
+
+    def mean(rows, value):
+        return sum(map(value, rows)) / len(rows)
+
+    def split(rows):  # (test, validation) samples
+        return [r for r in rows if r['prompt'] not in validation], [r for r in rows if r['prompt'] in validation]
+    assert results['sft']['kl'] == results['sft']['val_kl'] == 0.0
+    test_rows, val_rows = split(read(out / 'sft/samples.jsonl'))
+    assert results['sft']['gold'] == pytest.approx(mean(test_rows, lambda r: gold_reward(r['prompt'], r['completion'])))
+    assert results['sft']['val_gold'] == pytest.approx(mean(val_rows, lambda r: gold_reward(r['prompt'],
+                                                                                            r['completion'])))
     curves = {**results['trust_region'], **results['distillation']}
     for name, runs in curves.items():
         assert [p['iter'] for p in runs[0]] == [10, 20], name
     # --quick updates the reference within its 20 steps (τ = 1 soft, 4 hard): TR-DPO is not DPO
     dpo = results['trust_region']['DPO | none | β=0.1']
+    # the implicit reward margin's mean magnitude is at least β times the magnitude of the mean margin (in nats)
+    assert all(p['reward_margin'] >= 0.1 * abs(p['train_margin']) - 1e-6 for p in dpo[0])
+    assert results['sft']['reward_margin'] == results['sft']['train_margin'] == 0.0
     assert results['trust_region']['DPO | soft τ=1 α=0.05 | β=0.1'] != dpo
     assert results['trust_region']['DPO | hard τ=4 | β=0.1'] != dpo
     snapshots = list(out.glob('*/*/iter_*'))
@@ -163,9 +179,11 @@ def check_grid_output(out):
         rows = read(snap / 'samples.jsonl')
         assert len(rows) == 2 * len(read(REPO / 'data/toy/test.jsonl'))
         (point,) = [p for p in read(snap.parent / 'curve.json')[0] if p['iter'] == int(snap.name[5:])]
-        assert point['gold'] == pytest.approx(sum(gold_reward(r['prompt'], r['completion']) for r in rows) / len(rows))
-        assert point['kl'] == pytest.approx(sum(r['kl'] for r in rows) / len(rows))
-        assert point['off_support'] == sum(not in_support(r['completion']) for r in rows) / len(rows)
+        for prefix, subset in zip(('', 'val_'), split(rows)):
+            assert point[f'{prefix}gold'] == pytest.approx(mean(subset, lambda r: gold_reward(r['prompt'],
+                                                                                              r['completion'])))
+            assert point[f'{prefix}kl'] == pytest.approx(mean(subset, lambda r: r['kl']))
+            assert point[f'{prefix}off_support'] == mean(subset, lambda r: not in_support(r['completion']))
     for rho in (0.2, 0.8):
         pairs = read(out / f'rho_{rho}/train.jsonl')
         longer = sum(len(items_of(r['chosen'])) > len(items_of(r['rejected'])) for r in pairs)
@@ -174,3 +192,8 @@ def check_grid_output(out):
         assert all(r['gold_chosen'] == gold_reward(r['prompt'], r['chosen']) for r in pairs)
         labels = read(out / f'rho_{rho}/labels/train.jsonl')
         assert len(labels) == len(pairs) and all(len(r['reward_chosen']) == 2 for r in labels)  # 2 reward models
+        # the same pairs in the same order: d-DPO's and e-DPO's runs are diagnosed on the pairs the others are
+        assert [(r['prompt'], r['chosen'], r['rejected']) for r in labels] == \
+            [(r['prompt'], r['chosen'], r['rejected']) for r in pairs]
+        # the margins' curves start at the SFT model, whose log-probs of its own samples differ from the shipped set's
+        assert -3 < results['sft_train_logp'][str(rho)] < 0

@@ -2,22 +2,26 @@
 The toy experiment (data/toy/prepare.py has the task, the gold reward r* and the biased annotator). Two questions,
 each measured as its paper measures it, with gold reward r* and KL(π‖π_SFT) estimated from samples of each checkpoint:
 
-A. Trust region (Gorbatovski et al.): over-optimization frontiers. For DPO, IPO and KTO, each with the reference
-   fixed, soft-updated every step (τ = 1, small α), soft-updated with the paper's α = 0.6 every 20% of training, or
-   hard-updated every 10/20/40% of training, runs over three β (10× apart; IPO in its own range) on the shipped pairs
-   (the length-biased annotator). The frontier of a family is the best gold reached within a KL budget over all its
-   β and checkpoints (Gao et al. 2023; Rafailov et al. 2024). Every checkpoint also logs the paper's toy diagnostics:
-   per-token log-probs of held-out chosen and rejected responses, the fraction of samples off the task's support, and
-   the implicit margin (vs π_SFT) and chosen log-prob on training pairs, which the passes over the data keep moving.
+A. Trust region (Gorbatovski et al.): over-optimization. For DPO, IPO and KTO, each with the reference fixed,
+   soft-updated every step (τ = 1, small α), soft-updated with the paper's α = 0.6 every 20% of training, or
+   hard-updated every 20% of training, runs over three β (10× apart; IPO in its own range) on the shipped pairs (the
+   length-biased annotator): frontiers within KL budgets (Gao et al. 2023; Rafailov et al. 2024) and gold at matched
+   KL, far from the SFT model included. Every checkpoint also logs the paper's toy diagnostics: per-token log-probs of
+   held-out chosen and rejected responses, the fraction of samples off the task's support, and the implicit margin
+   (vs π_SFT) and chosen log-prob on training pairs.
 B. Distillation (Fisch et al.): a length-bias sweep. Pairs of SFT samples relabelled by Bradley–Terry on r* itself,
    then subsampled so that a fraction ρ ∈ {0.2, 0.5, 0.8} prefers the longer list; per ρ, three reward models, then
-   DPO, IPO, d-DPO, e-DPO and p-DPO (γ swept), TR-DPO and TR + e-DPO.
+   DPO, IPO, d-DPO, e-DPO (both forms of its minimum) and p-DPO with γ swept, and TR-DPO; the implicit reward margins
+   and chosen log-probs on training pairs against the reward models' margins.
 
-Every run keeps a snapshot at each evaluation (train_tr.py snapshots=True); each snapshot samples the test prompts with
-sample.py (ref = the SFT model, so the mean of log π(y|x) − log π_SFT(y|x) estimates the KL) and is scored by
-data/toy/gold.py. Mean ± std over 3 seeds (data order); all checkpoints share one sampling seed.
+Validation and test: the 96 prompts are split once into 32 validation and 64 test prompts. Every tuned setting and
+every chosen checkpoint is picked on the validation prompts; every reported number is measured on the test prompts.
 
-  python data/toy/grid.py                                   # the full grid: data/toy/results.md and three plots
+Every run keeps a snapshot at each evaluation (train_tr.py snapshots=True); each snapshot samples all prompts with
+sample.py (ref = the SFT model, so the mean of log π(y|x) − log π_SFT(y|x) estimates the KL) and is scored by r*.
+Mean ± std over 3 seeds (data order); all checkpoints share one sampling seed.
+
+  python data/toy/grid.py                                   # the full grid: data/toy/results.md and four plots
   python data/toy/grid.py --quick --out=out/toy_quick       # a smoke version, about a minute (tests/test_toy.py)
 
 Finished runs are not redone (delete --out to start over; a run folder made with other settings is an error).
@@ -40,7 +44,8 @@ ROOT = HERE.parent.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 import train_tr  # noqa: E402  (importing it has no side effects)
 from data import pairs as data_pairs  # noqa: E402
-from prepare import bradley_terry, gold_reward, in_support, items_of, parse_prompt, write_jsonl  # noqa: E402
+from prepare import (CATEGORIES, COUNTS, PHRASINGS, PROMPT, bradley_terry, gold_reward,  # noqa: E402
+                     in_support, items_of, parse_prompt, write_jsonl)
 
 SFT, DATA = 'data/toy/sft', 'data/toy'
 SEEDS = (1, 2, 3)
@@ -48,15 +53,35 @@ TOY = ['--init_from=data/toy/sft', '--max_length=64', '--max_prompt_length=32', 
 SAMPLING = dict(split='test', num_samples=2, max_new_tokens=48, batch_size=64, seed=0)  # 2 × 288 test prompts
 DIAGNOSTIC_PAIRS = 288  # held-out (test) and training pairs whose log-probs each checkpoint logs
 
+
+def spread(rows):
+    """DIAGNOSTIC_PAIRS rows spread evenly over a split (the shipped files are ordered by prompt)."""
+    return rows[::max(1, len(rows) // DIAGNOSTIC_PAIRS)][:DIAGNOSTIC_PAIRS]
+
+
+def validation_prompts(seed=0):
+    """A third of the 96 prompts, one phrasing of each (category, count) drawn at random. Every tuned setting and
+    every chosen checkpoint is picked by the gold reward of the samples on these prompts; the reported numbers are
+    those of the other 64 (the test prompts), so no selection reads them."""
+    rng = random.Random(seed)
+    return {PROMPT.format(request=rng.choice(PHRASINGS).format(k=name, c=category))
+            for category in CATEGORIES for name in COUNTS}
+
+
+VALIDATION = validation_prompts()
+
 # A: 350 steps of 16 pairs = 2.8 epochs of the 2,014 shipped pairs
 TR_STEPS, TR_EVAL = 350, 50
 FAMILIES = {'DPO': ('dpo', (0.03, 0.1, 0.3)), 'IPO': ('ipo', (0.3, 1.0, 3.0)), 'KTO': ('kto', (0.03, 0.1, 0.3))}
-KL_BUDGETS = (1.0, 3.0, 10.0)  # nats: the frontier's gold at a budget = best gold of the checkpoints with KL ≤ it
+KL_BUDGETS = (1.0, 3.0, 10.0)  # nats: the frontier at a budget = the checkpoint picked on validation with KL ≤ it
+KL_BINS = ((0, 1), (1, 3), (3, 6), (6, 12), (12, 48))  # nats: gold at matched KL, TR against its baseline
 
 # B: 2,014 pairs per ρ, 250 steps (2.0 epochs); IPO at the middle of its β range, every other loss at β = 0.1
 RHOS = (0.2, 0.5, 0.8)
 DISTILL_STEPS, DISTILL_EVAL = 250, 50
-GAMMAS = (0.01, 0.1, 1.0)
+GAMMAS = (0.01, 0.1)  # γ = 1 kept e-DPO and p-DPO within 0.4 nats of π_SFT at every ρ (the previous grid)
+E_DPO_FORMS = {'e-DPO per pair': 'example', 'e-DPO per batch': 'batch'}  # min over reward models of each pair's error,
+# or of the batch's mean error (train_tr.py edistill_min)
 RM_ARGS = ['--loss=rm', '--init_from=data/toy/sft', '--lr=3e-4', '--max_iters=500', '--eval_interval=100',
            '--max_length=64', '--max_prompt_length=32']
 
@@ -64,10 +89,9 @@ RM_ARGS = ['--loss=rm', '--init_from=data/toy/sft', '--lr=3e-4', '--max_iters=50
 def reference_updates(steps):
     """{name: train_tr.py arguments} of the reference's schedules, with τ a fraction of the run's steps."""
     return {'none': ['--ref_update=none'],
-            'soft τ=1 α=0.01': ['--ref_update=soft', '--tr_tau=1', '--tr_alpha=0.01'],
             'soft τ=1 α=0.05': ['--ref_update=soft', '--tr_tau=1', '--tr_alpha=0.05'],
             f'soft α=0.6 τ={steps // 5}': ['--ref_update=soft', f'--tr_tau={steps // 5}', '--tr_alpha=0.6'],
-            **{f'hard τ={steps * p // 10}': ['--ref_update=hard', f'--tr_tau={steps * p // 10}'] for p in (1, 2, 4)}}
+            f'hard τ={steps // 5}': ['--ref_update=hard', f'--tr_tau={steps // 5}']}
 
 
 def trust_region_grid(quick):
@@ -88,13 +112,13 @@ def distillation_grid(quick):
     methods = {'DPO': ['--loss=dpo', '--ref_update=none'], 'IPO': ['--loss=ipo', '--beta=1.0', '--ref_update=none'],
                'd-DPO': ['--loss=distill', '--ref_update=none', labelled],
                'TR-DPO': ['--loss=dpo', '--ref_update=soft', '--tr_alpha=0.1', '--tr_tau=25']}
-    for gamma in GAMMAS:
-        methods[f'e-DPO γ={gamma}'] = ['--loss=edistill', f'--pessimism_gamma={gamma}', '--ref_update=none', labelled]
+    for gamma in GAMMAS:  # e-DPO in both forms of its minimum over the reward models (train_tr.py edistill_min)
+        for name, form in E_DPO_FORMS.items():
+            methods[f'{name} γ={gamma}'] = ['--loss=edistill', f'--edistill_min={form}', f'--pessimism_gamma={gamma}',
+                                            '--ref_update=none', labelled]
         methods[f'p-DPO γ={gamma}'] = ['--loss=pdpo', f'--pessimism_gamma={gamma}', '--ref_update=none']
-        methods[f'TR + e-DPO γ={gamma}'] = ['--loss=edistill', f'--pessimism_gamma={gamma}', '--ref_update=soft',
-                                            '--tr_alpha=0.1', '--tr_tau=25', labelled]
     if quick:
-        methods = {name: methods[name] for name in ('DPO', 'e-DPO γ=0.1', 'p-DPO γ=0.1')}
+        methods = {name: methods[name] for name in ('DPO', *(f'{name} γ=0.1' for name in E_DPO_FORMS), 'p-DPO γ=0.1')}
     return methods
 
 
@@ -167,44 +191,69 @@ def pair_logps(model, pairs, pad_id):
     return torch.cat(rows)
 
 
-def measure(model_dir, samples_path, diagnostic_pairs, sft_logps):
-    """Gold reward, KL(π‖π_SFT), list length and off-support fraction of a model's samples on the test prompts; the
-    per-token log-probs of held-out chosen/rejected responses and of training chosen ones; the training pairs' mean
-    log-ratio margin against π_SFT, (log π − log π_SFT)(y_w) − (log π − log π_SFT)(y_l), in nats."""
-    import gold
+def sample_scores(rows):
+    """Mean gold reward r*, KL(π‖π_SFT) (the mean of log π − log π_SFT of the samples), list length and off-support
+    fraction of a set of samples."""
+    return dict(gold=statistics.mean(gold_reward(r['prompt'], r['completion']) for r in rows),
+                kl=statistics.mean(r['kl'] for r in rows),
+                items=statistics.mean(len(items_of(r['completion'])) for r in rows),
+                off_support=sum(not in_support(r['completion']) for r in rows) / len(rows))
+
+
+def diagnostic_pairs(data):
+    """The pairs every checkpoint of a run is diagnosed on: DIAGNOSTIC_PAIRS of its held-out and of its training
+    pairs, with the padding id to batch them."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(SFT)
+    pairs = [spread(data_pairs.load_pairs(data, split, tokenizer, 64, 32, verbose=False))
+             for split in ('test', 'train')]
+    return dict(pairs=pairs, pad_id=data_pairs.padding_id(tokenizer))
+
+
+def sft_train_logps(diagnostic):
+    """[pairs, 4] pair_logps of the SFT model on the diagnostic training pairs: the start of every curve."""
+    return pair_logps(train_tr.load_model(SFT).eval(), diagnostic['pairs'][1], diagnostic['pad_id'])
+
+
+def measure(model_dir, samples_path, diagnostic, sft_logps, beta):
+    """sample_scores of a model's samples on the test prompts (gold, kl, items, off_support) and on the validation
+    prompts (val_gold, ...); the per-token log-probs of held-out chosen/rejected responses and of training chosen ones;
+    on the training pairs, the log-ratio margin against π_SFT, m = (log π − log π_SFT)(y_w) − (log π − log π_SFT)(y_l)
+    in nats (mean), and the implicit reward margin β·m (mean and 90th percentile of its magnitude: the quantity DPO
+    drives to infinity and distillation regresses onto the reward models' margins)."""
+    import torch
+
     import sample
     sample.sample(dict(sample.defaults, init_from=str(model_dir), ref=SFT, data=DATA, out=str(samples_path),
                        **SAMPLING))
-    (scores,) = gold.gold(dict(gold.defaults, files=str(samples_path)))
     rows = data_pairs.read_jsonl(samples_path)
     model = train_tr.load_model(str(model_dir)).eval()
-    test, train = (pair_logps(model, pairs, diagnostic_pairs['pad_id']) for pairs in diagnostic_pairs['pairs'])
+    test, train = (pair_logps(model, pairs, diagnostic['pad_id']) for pairs in diagnostic['pairs'])
     ratio = train[:, :2] - sft_logps[:, :2]
-    return dict(gold=scores['gold']['mean'], kl=scores['kl']['mean'],
-                items=sum(len(items_of(r['completion'])) for r in rows) / len(rows),
-                off_support=sum(not in_support(r['completion']) for r in rows) / len(rows),
+    margin = ratio[:, 0] - ratio[:, 1]
+    reward_margin = (beta * margin).abs()
+    validation = sample_scores([r for r in rows if r['prompt'] in VALIDATION])
+    return dict(**sample_scores([r for r in rows if r['prompt'] not in VALIDATION]),
+                **{f'val_{key}': value for key, value in validation.items()},
                 logp_chosen=(test[:, 0] / test[:, 2]).mean().item(),
                 logp_rejected=(test[:, 1] / test[:, 3]).mean().item(),
                 train_logp_chosen=(train[:, 0] / train[:, 2]).mean().item(),
-                train_margin=(ratio[:, 0] - ratio[:, 1]).mean().item())
+                train_margin=margin.mean().item(), reward_margin=reward_margin.mean().item(),
+                reward_margin_p90=torch.quantile(reward_margin, 0.9).item())
 
 
 def worker(path):
     import torch
-    from transformers import AutoTokenizer
     torch.set_num_threads(1)
     path = Path(path)
     spec = json.loads((path / 'job.json').read_text())
     args = spec['args'] or [f'--data={DATA}']
     cfg = train_tr.get_config([*args, f'--out_dir={path}', f"--seed={spec.get('seed', 0)}"])
-    if cfg['loss'] != 'rm':  # the pairs every checkpoint is diagnosed on: the run's own held-out and training pairs
-        tokenizer = AutoTokenizer.from_pretrained(SFT)
-        pairs = [data_pairs.load_pairs(cfg['data'], split, tokenizer, 64, 32, verbose=False)[:DIAGNOSTIC_PAIRS]
-                 for split in ('test', 'train')]
-        diagnostic = dict(pairs=pairs, pad_id=data_pairs.padding_id(tokenizer))
-        sft_logps = pair_logps(train_tr.load_model(SFT).eval(), pairs[1], diagnostic['pad_id'])
+    if cfg['loss'] != 'rm':
+        diagnostic = diagnostic_pairs(cfg['data'])
+        sft_logps = sft_train_logps(diagnostic)
     if spec['args'] is None:  # the SFT model itself: the start of every curve
-        point = dict(iter=0, **measure(SFT, path / 'samples.jsonl', diagnostic, sft_logps))
+        point = dict(iter=0, **measure(SFT, path / 'samples.jsonl', diagnostic, sft_logps, beta=0.0))
         (path / 'curve.json').write_text(json.dumps([point]))
         return
     cfg['snapshots'] = cfg['loss'] != 'rm'  # a reward model is not sampled
@@ -214,7 +263,8 @@ def worker(path):
         (path / 'curve.json').write_text('[]')
         return
     snapshots = sorted(path.glob('iter_*'), key=lambda p: int(p.name[5:]))
-    curve = [dict(iter=int(p.name[5:]), **measure(p, p / 'samples.jsonl', diagnostic, sft_logps)) for p in snapshots]
+    curve = [dict(iter=int(p.name[5:]), **measure(p, p / 'samples.jsonl', diagnostic, sft_logps, cfg['beta']))
+             for p in snapshots]
     (path / 'curve.json').write_text(json.dumps(curve))
 
 
@@ -239,7 +289,7 @@ def run_jobs(jobs, n_workers):
 
 
 # -----------------------------------------------------------------------------
-# summary: results.md, results.json, frontiers.png, diagnostics.png, gold_vs_rho.png
+# summary: results.md, results.json, frontiers.png, diagnostics.png, margins.png, gold_vs_rho.png
 
 def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -249,11 +299,53 @@ def cell(values, digits=2):
     return '{:.{d}f} ± {:.{d}f}'.format(*mean_std(values), d=digits)
 
 
+def chosen(points, budget=float('inf')):
+    """The checkpoint with the best gold on the validation prompts among those whose KL (estimated on the same
+    prompts) is within budget: the pick of a user who never looks at the test prompts."""
+    return max((p for p in points if p['val_kl'] <= budget), key=lambda p: p['val_gold'])
+
+
+def optimism(runs):
+    """Mean and largest excess of a run's best test gold over the test gold of its checkpoint chosen on validation:
+    what picking on the reported prompts would have added."""
+    gaps = [max(p['gold'] for p in run) - chosen(run)['gold'] for run in runs]
+    return statistics.mean(gaps), max(gaps)
+
+
 def frontier(points):
-    """Gold at each KL budget and the peak (with its KL), over a set of checkpoints (the SFT point included)."""
-    peak = max(points, key=lambda p: p['gold'])
-    return {**{f'gold at KL ≤ {b:g}': max(p['gold'] for p in points if p['kl'] <= b) for b in KL_BUDGETS},
-            'peak gold': peak['gold'], 'KL at peak': peak['kl']}
+    """Test gold of the checkpoint chosen on validation within each KL budget, and of the overall choice (the peak),
+    with its test KL and its validation gold (which picks between schedules)."""
+    peak = chosen(points)
+    return {**{f'gold at KL ≤ {b:g}': chosen(points, b)['gold'] for b in KL_BUDGETS},
+            'peak gold': peak['gold'], 'KL at peak': peak['kl'], 'validation peak gold': peak['val_gold']}
+
+
+def in_bin(runs, low, high):
+    """Per run that has any, the test gold of its checkpoints whose test KL lies in [low, high)."""
+    golds = [[p['gold'] for p in run if low <= p['kl'] < high] for run in runs]
+    return [g for g in golds if g]
+
+
+def pooled(golds):
+    return statistics.mean(g for run in golds for g in run)
+
+
+def bootstrap(golds, baseline=None, resamples=2000, seed=0):
+    """95% interval of the pooled mean of golds (minus that of baseline), resampling whole runs: the checkpoints of
+    one run are not independent of each other."""
+    rng = random.Random(seed)
+    stats = sorted(pooled(rng.choices(golds, k=len(golds)))
+                   - (pooled(rng.choices(baseline, k=len(baseline))) if baseline else 0.0) for _ in range(resamples))
+    return stats[int(0.025 * resamples)], stats[int(0.975 * resamples) - 1]
+
+
+def bin_cell(golds, baseline=None):
+    if not golds or baseline == []:
+        return '–'
+    low, high = bootstrap(golds, baseline)
+    value = pooled(golds) - (pooled(baseline) if baseline else 0.0)
+    count = '' if baseline else f' ({sum(map(len, golds))} from {len(golds)})'
+    return f'{value:.2f} [{low:.2f}, {high:.2f}]{count}'
 
 
 def table(header, rows):
@@ -262,19 +354,50 @@ def table(header, rows):
 
 
 def trust_region_tables(tr_curves, sft, seeds):
-    """The frontier table (per family and update, over β and checkpoints of each seed), the per-β table, and the
-    diagnostics table at each family's middle β."""
+    """The frontier table and the schedule chosen on validation (per family and update, over β and checkpoints of
+    each seed), gold in KL bins, the per-β table, and the diagnostics table at each family's middle β."""
     keys = list(dict.fromkeys((family, update) for family, update, _ in tr_curves))
-    per_seed = {key: [frontier([sft] + [p for (f, u, _), runs in tr_curves.items() if (f, u) == key
-                                        for p in runs[s]]) for s in range(len(seeds))] for key in keys}
-    columns = list(per_seed[keys[0]][0])
-    text = ('## A. Trust region: gold-vs-KL frontiers over β\n\nPer seed, the best gold over all checkpoints of all '
-            'β (and of the SFT model) within each KL budget; mean ± std over seeds.\n\n'
-            + table(['family', 'reference update', *columns],
-                    [[f, u, *(cell([r[c] for r in per_seed[f, u]]) for c in columns)] for f, u in keys]))
-    text += ('\nEach run: peak gold (best checkpoint), and gold, KL and list length at the last checkpoint.\n\n'
+    points = {key: [[sft] + [p for (f, u, _), runs in tr_curves.items() if (f, u) == key for p in runs[s]]
+                    for s in range(len(seeds))] for key in keys}  # per seed, every checkpoint of every β
+    per_seed = {key: [frontier(p) for p in points[key]] for key in keys}
+    excess = optimism([p for key in keys for p in points[key]])
+    columns = [c for c in per_seed[keys[0]][0] if c != 'validation peak gold']
+    text = ('## A. Trust region: gold-vs-KL frontiers over β\n\nPer seed, of all checkpoints of all β (and the SFT '
+            'model) whose KL on the validation prompts is within each budget, the one with the best validation gold; '
+            'its gold and KL on the test prompts; mean ± std over seeds. "Peak": the best validation gold at any KL. '
+            f'Picked on the test prompts\' own gold instead, the peaks would read {excess[0]:.2f} higher on average '
+            f'(up to {excess[1]:.2f}).\n\n' + table(['family', 'reference update', *columns],
+                           [[f, u, *(cell([r[c] for r in per_seed[f, u]]) for c in columns)] for f, u in keys]))
+    families = list(dict.fromkeys(f for f, _ in keys))
+    rows = []
+    for family in families:
+        updates = [u for f, u in keys if f == family and u != 'none']
+        pick = max(updates, key=lambda u: statistics.mean(r['validation peak gold'] for r in per_seed[family, u]))
+        base, tr = per_seed[family, 'none'], per_seed[family, pick]
+        rows.append([family, cell([r['peak gold'] for r in base]), pick, cell([r['peak gold'] for r in tr]),
+                     cell([t['peak gold'] - b['peak gold'] for t, b in zip(tr, base)])])
+    text += (f'\nThe reference update chosen on validation: of the {len(keys) // len(families) - 1} schedules, the '
+             'one with the best mean validation peak; test gold at the peak.\n\n'
+             + table(['family', 'none: peak gold', 'schedule chosen on validation', 'its peak gold',
+                      'difference (per seed)'], rows))
+    rows = []
+    for family in families:
+        updates = [u for f, u in keys if f == family]
+        runs = {u: [run for (f, u2, _), r in tr_curves.items() if (f, u2) == (family, u) for run in r] for u in updates}
+        runs['TR, all schedules'] = [run for u in updates if u != 'none' for run in runs[u]]
+        for name, group in runs.items():
+            rows.append([family, name, *(bin_cell(in_bin(group, *b)) for b in KL_BINS)])
+        rows.append([family, '**TR, all − none**', *(bin_cell(in_bin(runs['TR, all schedules'], *b),
+                                                              in_bin(runs['none'], *b)) for b in KL_BINS)])
+    text += ('\n## A. Gold at matched KL\n\nEvery checkpoint of every β and seed whose test KL falls in the bin, '
+             'pooled: mean test gold, 95% bootstrap interval over runs (a run\'s checkpoints are resampled together), '
+             '(checkpoints from runs). The difference row: TR (all schedules pooled) minus the fixed reference, with '
+             'its interval. No selection is involved.\n\n'
+             + table(['family', 'reference update', *(f'KL {low:g}–{high:g}' for low, high in KL_BINS)], rows))
+    text += ('\nEach run: peak gold (the checkpoint with the best validation gold, its test gold), and test gold, KL '
+             'and list length at the last checkpoint.\n\n'
              + table(['family', 'reference update', 'β', 'peak gold', 'final gold', 'final KL', 'final items'],
-                     [[f, u, beta, cell([max(p['gold'] for p in run) for run in runs]),
+                     [[f, u, beta, cell([chosen(run)['gold'] for run in runs]),
                        cell([run[-1]['gold'] for run in runs]), cell([run[-1]['kl'] for run in runs], 1),
                        cell([run[-1]['items'] for run in runs])] for (f, u, beta), runs in tr_curves.items()]))
     diagnostics = ('off_support', 'logp_chosen', 'logp_rejected', 'train_logp_chosen', 'train_margin')
@@ -291,25 +414,42 @@ def trust_region_tables(tr_curves, sft, seeds):
     return text, per_seed, middle
 
 
-def distillation_tables(distill_curves, rm_accuracy, natural_rho):
-    """Per ρ: final and best gold, final KL and items per method, with e-DPO, p-DPO and TR + e-DPO at their best γ
-    (the best mean final gold over ρ), and the γ sweep."""
+def reward_model_margins(labels):
+    """abs(Δr) of the reward models on the training pairs that the checkpoints are diagnosed on: the mean and the 90th
+    percentile for each model (averaged over models), and the mean of the family's mean margin."""
+    rows = spread(data_pairs.read_jsonl(labels / 'train.jsonl'))
+    margins = [[c - r for c, r in zip(row['reward_chosen'], row['reward_rejected'])] for row in rows]
+    per_model = [sorted(abs(m[i]) for m in margins) for i in range(len(margins[0]))]
+    return dict(mean=statistics.mean(statistics.mean(m) for m in per_model),
+                p90=statistics.mean(m[int(0.9 * (len(m) - 1))] for m in per_model),
+                family_mean=statistics.mean(abs(statistics.mean(m)) for m in margins))
+
+
+def distillation_tables(distill_curves, sft_train_logp, rm_accuracy, rm_margins, natural_rho, asked):
+    """Per ρ: final and best gold, final KL and items per method, with e-DPO (both forms) and p-DPO at their γ chosen
+    on validation, the γ sweep, and the margins and chosen log-probs on the training pairs (sft_train_logp: {ρ: the
+    SFT model's per-token log-prob of the chosen responses})."""
     rhos = list(distill_curves)
     methods = list(distill_curves[rhos[0]])
 
-    def final_gold(name):
-        return statistics.mean(run[-1]['gold'] for rho in rhos for run in distill_curves[rho][name])
-    tuned = {}
-    for name in methods:
-        base = name.split(' γ=')[0]
-        if base not in tuned or final_gold(name) > final_gold(tuned[base]):
-            tuned[base] = name
+    def tune(key):  # {method: its name at the γ with the best final gold (key) averaged over ρ and seeds}
+        def score(name):
+            return statistics.mean(run[-1][key] for rho in rhos for run in distill_curves[rho][name])
+        tuned = {}
+        for name in methods:
+            base = name.split(' γ=')[0]
+            if base not in tuned or score(name) > score(tuned[base]):
+                tuned[base] = name
+        return tuned
+    tuned, on_test = tune('val_gold'), tune('gold')
+    changed = [f'{on_test[b]} instead of {tuned[b]}' for b in tuned if on_test[b] != tuned[b]]
     header = ['method', *(f'ρ = {rho}' for rho in rhos)]
 
     def rows(names, measure, digits=2):
         return [[name, *(cell([measure(run) for run in distill_curves[rho][name]], digits) for rho in rhos)]
                 for name in names]
     best = list(tuned.values())
+    excess = optimism([run for name in best for rho in rhos for run in distill_curves[rho][name]])
     text = (f'## B. Distillation: gold reward against the length bias ρ\n\nTraining pairs labelled by Bradley–Terry '
             f'on r*, subsampled so that a fraction ρ prefers the longer list. Relabelled by r*, the shipped SFT pairs '
             f'of different lengths prefer the longer one in {natural_rho:.2f} of cases: r* itself prefers shorter '
@@ -317,18 +457,50 @@ def distillation_tables(distill_curves, rm_accuracy, natural_rho):
             f'agrees with it. Reward models ({len(rm_accuracy[rhos[0]])} per ρ) score the held-out pairs (relabelled '
             'by r*) with accuracy '
             + ', '.join(f'{cell(rm_accuracy[rho])} at ρ = {rho}' for rho in rhos)
-            + '. e-DPO, p-DPO and TR + e-DPO at the γ with the best final gold averaged over ρ (the γ table below).'
-            '\n\nFinal gold:\n\n' + table(header, rows(best, lambda run: run[-1]['gold']))
-            + '\nBest checkpoint\'s gold:\n\n' + table(header, rows(best, lambda run: max(p['gold'] for p in run)))
-            + '\nFinal list length (items; the test prompts ask for 3.50 on average):\n\n'
+            + '. e-DPO (both forms of its minimum) and p-DPO at the γ with the best final gold on the validation '
+            'prompts, averaged over ρ and seeds (the γ tables below); β = 0.1 (IPO: 1) is fixed, not tuned.'
+            '\n\nFinal gold (test prompts):\n\n' + table(header, rows(best, lambda run: run[-1]['gold']))
+            + '\nGold of the checkpoint with the best validation gold (test prompts):\n\n'
+            + table(header, rows(best, lambda run: chosen(run)['gold']))
+            + '\nPicked on the test prompts\' gold instead (the leak the split removes): γ '
+            + (', '.join(changed) if changed else 'the same for every method')
+            + f'; a run\'s best checkpoint would read {excess[0]:.2f} higher on average (up to {excess[1]:.2f}).\n'
+            + f'\nFinal list length (items; the test prompts ask for {asked:.2f} on average):\n\n'
             + table(header, rows(best, lambda run: run[-1]['items']))
             + '\nFinal KL(π‖π_SFT), nats:\n\n' + table(header, rows(best, lambda run: run[-1]['kl'], 1))
-            + '\nγ sweep, final gold:\n\n'
+            + '\nγ sweep, final gold on the validation prompts (what picks γ):\n\n'
+            + table(header, rows([n for n in methods if ' γ=' in n], lambda run: run[-1]['val_gold']))
+            + '\nγ sweep, final gold on the test prompts:\n\n'
             + table(header, rows([n for n in methods if ' γ=' in n], lambda run: run[-1]['gold'])))
+    first = distill_curves[rhos[0]][best[0]][0][0]['iter']
+    rows = []
+    for rho in rhos:
+        rm = rm_margins[rho]
+        rows.append([rho, 'reward models, each', '', f'{rm["mean"]:.2f}', f'{rm["p90"]:.2f}', '', ''])
+        rows.append([rho, 'reward models, family mean', '', f'{rm["family_mean"]:.2f}', '', '', ''])
+        rows.append([rho, 'SFT (step 0)', '0', '0', '0', '0', f'{sft_train_logp[rho]:.3f}'])
+        for name in best:
+            runs = distill_curves[rho][name]
+            rows.append([rho, name, cell([run[0]['reward_margin'] for run in runs]),
+                         cell([run[-1]['reward_margin'] for run in runs]),
+                         cell([run[-1]['reward_margin_p90'] for run in runs]),
+                         cell([run[-1]['train_margin'] for run in runs], 1),
+                         cell([run[-1]['train_logp_chosen'] for run in runs], 3)])
+    last = distill_curves[rhos[0]][best[0]][0][-1]['iter']
+    text += (f'\n## B. The mechanism: implicit reward margins and chosen log-probs on training pairs\n\nOn '
+             f'{DIAGNOSTIC_PAIRS} training pairs of each ρ (spread evenly over the file): the implicit reward margin '
+             'β·m, m = (log π − log π_SFT)(y_w) − (log π − log π_SFT)(y_l) (against π_SFT also for TR-DPO, whose own '
+             'reference moves), the mean and 90th percentile of its magnitude abs(β·m); m in nats; the per-token '
+             'log-prob of the chosen responses. The reward models\' abs(Δr) on the same pairs is what d-DPO and e-DPO '
+             'regress β·m onto. Curves over steps: margins.png.\n\n'
+             + table(['ρ', 'method', f'mean abs(β·m), step {first}', f'mean abs(β·m), step {last}',
+                      f'p90 abs(β·m), step {last}', f'm (nats), step {last}',
+                      f'chosen logp/token (train), step {last}'],
+                     rows))
     return text, best
 
 
-def plots(results_dir, tr_curves, sft, middle, distill_curves, best):
+def plots(results_dir, tr_curves, sft, middle, distill_curves, best, rm_margins, sft_train_logp):
     try:
         import matplotlib
     except ImportError:
@@ -344,25 +516,26 @@ def plots(results_dir, tr_curves, sft, middle, distill_curves, best):
     fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4.5), sharey=True, squeeze=False)
     for ax, family in zip(axes[0], families):
         for i, update in enumerate(updates):
-            points = [(sft['kl'], sft['gold'])] + [
-                pt for (f, u, _), runs in tr_curves.items() if (f, u) == (family, update)
-                for pt in zip(seed_mean(runs, 'kl'), seed_mean(runs, 'gold'))]
-            points.sort()
-            envelope = [max(g for _, g in points[:j + 1]) for j in range(len(points))]
-            ax.scatter(*zip(*points), s=6, color=f'C{i}', alpha=0.35)
-            ax.step([k for k, _ in points], envelope, where='post', color=f'C{i}', label=update)
+            runs = [run for (f, u, _), r in tr_curves.items() if (f, u) == (family, update) for run in r]
+            ax.scatter([p['kl'] for run in runs for p in run], [p['gold'] for run in runs for p in run], s=5,
+                       color=f'C{i}', alpha=0.3)
+            means = [(statistics.mean(p['kl'] for run in golds for p in run), pooled([[p['gold'] for p in run]
+                                                                                      for run in golds]))
+                     for golds in ([[p for p in run if low <= p['kl'] < high] for run in runs] for low, high in KL_BINS)
+                     if any(golds)]
+            ax.plot(*zip(*means), marker='o', color=f'C{i}', label=update)
         ax.plot([sft['kl']], [sft['gold']], 'k*', ms=10, label='SFT')
         ax.set_xscale('symlog', linthresh=1.0)
         ax.set_xlim(left=0)
-        ax.set_title(f'{family}: frontier over β and checkpoints')
-        ax.set_xlabel('KL(π‖π_SFT), nats')
+        ax.set_title(f'{family}: every checkpoint; lines: mean gold per KL bin', fontsize=9)
+        ax.set_xlabel('KL(π‖π_SFT), nats (test prompts)')
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel('gold reward r* (mean over seeds)')
+    axes[0][0].set_ylabel('gold reward r* (test prompts)')
     fig.tight_layout()
     fig.savefig(results_dir / 'frontiers.png', dpi=110)
 
     labels = {'off_support': 'samples off support', 'logp_chosen': 'held-out chosen, logp/token',
-              'logp_rejected': 'held-out rejected, logp/token', 'train_margin': 'train margin vs SFT, nats'}
+              'train_logp_chosen': 'train chosen, logp/token', 'train_margin': 'train margin vs SFT, nats'}
     fig, axes = plt.subplots(len(families), len(labels), figsize=(4 * len(labels), 3.2 * len(families)),
                              squeeze=False)
     for row, family in zip(axes, families):
@@ -378,8 +551,27 @@ def plots(results_dir, tr_curves, sft, middle, distill_curves, best):
     fig.savefig(results_dir / 'diagnostics.png', dpi=100)
 
     rhos = list(distill_curves)
+    labels = {'reward_margin': 'mean |β·m|', 'reward_margin_p90': '90th percentile of |β·m|',
+              'train_logp_chosen': 'train chosen, logp/token'}
+    fig, axes = plt.subplots(len(rhos), len(labels), figsize=(4.5 * len(labels), 3.2 * len(rhos)), squeeze=False)
+    for row, rho in zip(axes, rhos):
+        for ax, (key, label) in zip(row, labels.items()):
+            for name in best:
+                runs = distill_curves[rho][name]
+                start = sft_train_logp[rho] if key == 'train_logp_chosen' else 0.0  # the SFT model's margins are 0
+                ax.plot([0] + [p['iter'] for p in runs[0]], [start] + seed_mean(runs, key), marker='.', label=name)
+            rm = {'reward_margin': 'mean', 'reward_margin_p90': 'p90'}.get(key)
+            if rm:
+                ax.axhline(rm_margins[rho][rm], color='k', ls='--', lw=1, label='reward models\' |Δr|')
+                ax.set_yscale('symlog', linthresh=1.0)
+            ax.set_title(f'ρ = {rho}: {label}', fontsize=9)
+            ax.set_xlabel('step')
+        row[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(results_dir / 'margins.png', dpi=100)
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (what, value) in zip(axes, [('final gold', lambda run: run[-1]['gold']),
+    for ax, (what, value) in zip(axes, [('final gold (test prompts)', lambda run: run[-1]['gold']),
                                         ('final list length', lambda run: run[-1]['items'])]):
         for name in best:
             stats = [mean_std([value(run) for run in distill_curves[rho][name]]) for rho in rhos]
@@ -447,30 +639,48 @@ def main():
                       for rho in rhos}
     rm_accuracy = {rho: [[json.loads(line) for line in (p / 'metrics.jsonl').read_text().splitlines()
                           if 'eval/accuracy' in line][-1]['eval/accuracy'] for p in rms[rho]] for rho in rhos}
-    asked = statistics.mean(parse_prompt(json.loads(line)['prompt'])[1]
-                            for line in (out / 'sft' / 'samples.jsonl').read_text().splitlines())
-    minutes = (time.time() - t0) / 60
+    rm_margins = {rho: reward_model_margins(out / f'rho_{rho}' / 'labels') for rho in rhos}
+    sft_samples = data_pairs.read_jsonl(out / 'sft' / 'samples.jsonl')
+    test_samples = [r for r in sft_samples if r['prompt'] not in VALIDATION]
+    asked = statistics.mean(parse_prompt(r['prompt'])[1] for r in test_samples)
+    # the grid's wall time from the first run's start to the last one's end (reused runs keep their files' times)
+    folders = [out / 'sft', *(p for paths in rms.values() for p in paths), *jobs]
+    minutes = (max((p / 'curve.json').stat().st_mtime for p in folders)
+               - min((p / 'job.json').stat().st_mtime for p in folders)) / 60
     settings = (f'`python data/toy/grid.py{" --quick" if args.quick else ""}`: {len(jobs)} training runs + '
-                f'{sum(map(len, rms.values()))} reward models, {minutes:.1f} min with {args.jobs} parallel jobs on '
-                f'{os.cpu_count()} CPU cores. Common arguments: `{" ".join(TOY)}`; A: `{" ".join(tr_steps)}` on the '
+                f'{sum(map(len, rms.values()))} reward models, {minutes:.1f} min from the first run\'s start to the '
+                f'last one\'s end with {args.jobs} parallel jobs on {os.cpu_count()} CPU cores. Common arguments: `{" ".join(TOY)}`; A: `{" ".join(tr_steps)}` on the '
                 f'shipped pairs; B: `{" ".join(distill_steps)}`, β = 0.1 (IPO: 1.0), reward models '
                 f'`{" ".join(rm_args)}`. Seeds {seeds}.')
     tr_text, per_seed, middle = trust_region_tables(tr_curves, sft, seeds)
-    distill_text, best = distillation_tables(distill_curves, rm_accuracy, natural_rho)
-    text = (f'# Toy results\n\n{settings}\n\nSFT model: gold {sft["gold"]:.2f}, KL 0, {sft["items"]:.2f} items per '
-            f'list (the test prompts ask for {asked:.2f} on average; the best possible gold is that number), '
-            f'{sft["off_support"]:.3f} of its samples off support. Gold and KL are means over 576 samples of the 288 '
-            'test prompts; KL in nats.\n\n' + tr_text + '\n' + distill_text)
+    sft_train_logp = {}
+    for rho in rhos:
+        logps = sft_train_logps(diagnostic_pairs(str(out / f'rho_{rho}')))
+        sft_train_logp[rho] = (logps[:, 0] / logps[:, 2]).mean().item()
+    distill_text, best = distillation_tables(distill_curves, sft_train_logp, rm_accuracy, rm_margins, natural_rho,
+                                             asked)
+    n_test, n_val = len({r['prompt'] for r in test_samples}), len(VALIDATION)
+    text = (f'# Toy results\n\n{settings}\n\n**Validation and test.** The 96 prompts are split once: {n_val} '
+            f'validation prompts (one phrasing of each category and count, drawn at random) and {n_test} test prompts. '
+            f'Every checkpoint samples both ({len(sft_samples) - len(test_samples)} and {len(test_samples)} samples). '
+            'Every choice below (a checkpoint within a KL budget, the best checkpoint, a reference schedule, γ) is '
+            'made on the validation prompts\' gold and KL; every number reported is measured on the test prompts. '
+            'Training pairs cover all 96 prompts, as in the default run.\n\n'
+            f'SFT model: gold {sft["gold"]:.2f}, KL 0, {sft["items"]:.2f} items per list (the test prompts ask for '
+            f'{asked:.2f} on average; the best possible gold is that number), {sft["off_support"]:.3f} of its '
+            'samples off support. Gold and KL are means over the test prompts\' samples; KL in nats.\n\n'
+            + tr_text + '\n' + distill_text)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / 'results.md').write_text(text)
     (results_dir / 'results.json').write_text(json.dumps(dict(
-        settings=settings, sft=sft, natural_rho=natural_rho, rm_accuracy=rm_accuracy,
+        settings=settings, validation_prompts=sorted(VALIDATION), sft=sft, natural_rho=natural_rho,
+        rm_accuracy=rm_accuracy, rm_margins=rm_margins, sft_train_logp=sft_train_logp,
         frontiers={f'{f} | {u}': runs for (f, u), runs in per_seed.items()},
         trust_region={f'{f} | {u} | β={b}': runs for (f, u, b), runs in tr_curves.items()},
         distillation={f'ρ={rho} | {name}': runs for rho, by_name in distill_curves.items()
                       for name, runs in by_name.items()})) + '\n')
-    plots(results_dir, tr_curves, sft, middle, distill_curves, best)
-    print(f'wrote {results_dir}/results.md ({minutes:.1f} min)')
+    plots(results_dir, tr_curves, sft, middle, distill_curves, best, rm_margins, sft_train_logp)
+    print(f'wrote {results_dir}/results.md ({(time.time() - t0) / 60:.1f} min)')
 
 
 if __name__ == '__main__':
