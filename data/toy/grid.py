@@ -210,6 +210,11 @@ def diagnostic_pairs(data):
     return dict(pairs=pairs, pad_id=data_pairs.padding_id(tokenizer))
 
 
+def chosen_per_token(logps):
+    """The mean per-token log-prob of the chosen responses, from pair_logps."""
+    return (logps[:, 0] / logps[:, 2]).mean().item()
+
+
 def sft_train_logps(diagnostic):
     """[pairs, 4] pair_logps of the SFT model on the diagnostic training pairs: the start of every curve."""
     return pair_logps(train_tr.load_model(SFT).eval(), diagnostic['pairs'][1], diagnostic['pad_id'])
@@ -235,9 +240,9 @@ def measure(model_dir, samples_path, diagnostic, sft_logps, beta):
     validation = sample_scores([r for r in rows if r['prompt'] in VALIDATION])
     return dict(**sample_scores([r for r in rows if r['prompt'] not in VALIDATION]),
                 **{f'val_{key}': value for key, value in validation.items()},
-                logp_chosen=(test[:, 0] / test[:, 2]).mean().item(),
+                logp_chosen=chosen_per_token(test),
                 logp_rejected=(test[:, 1] / test[:, 3]).mean().item(),
-                train_logp_chosen=(train[:, 0] / train[:, 2]).mean().item(),
+                train_logp_chosen=chosen_per_token(train),
                 train_margin=margin.mean().item(), reward_margin=reward_margin.mean().item(),
                 reward_margin_p90=torch.quantile(reward_margin, 0.9).item())
 
@@ -649,14 +654,12 @@ def main():
                - min((p / 'job.json').stat().st_mtime for p in folders)) / 60
     settings = (f'`python data/toy/grid.py{" --quick" if args.quick else ""}`: {len(jobs)} training runs + '
                 f'{sum(map(len, rms.values()))} reward models, {minutes:.1f} min from the first run\'s start to the '
-                f'last one\'s end with {args.jobs} parallel jobs on {os.cpu_count()} CPU cores. Common arguments: `{" ".join(TOY)}`; A: `{" ".join(tr_steps)}` on the '
+                f'last one\'s end with {args.jobs} parallel jobs on {os.cpu_count()} CPU cores. Common arguments: '
+                f'`{" ".join(TOY)}`; A: `{" ".join(tr_steps)}` on the '
                 f'shipped pairs; B: `{" ".join(distill_steps)}`, β = 0.1 (IPO: 1.0), reward models '
                 f'`{" ".join(rm_args)}`. Seeds {seeds}.')
     tr_text, per_seed, middle = trust_region_tables(tr_curves, sft, seeds)
-    sft_train_logp = {}
-    for rho in rhos:
-        logps = sft_train_logps(diagnostic_pairs(str(out / f'rho_{rho}')))
-        sft_train_logp[rho] = (logps[:, 0] / logps[:, 2]).mean().item()
+    sft_train_logp = {rho: chosen_per_token(sft_train_logps(diagnostic_pairs(str(out / f'rho_{rho}')))) for rho in rhos}
     distill_text, best = distillation_tables(distill_curves, sft_train_logp, rm_accuracy, rm_margins, natural_rho,
                                              asked)
     n_test, n_val = len({r['prompt'] for r in test_samples}), len(VALIDATION)
