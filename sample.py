@@ -23,7 +23,6 @@ An interrupted run is continued: batches already in out or in any part file are 
 sampled otherwise (other settings, or other files at the same model path: a retrained checkpoint), which is refused.
 A smaller num_prompts keeps the rows of the prompts it leaves out; a larger one adds the missing ones.
 """
-import hashlib
 import json
 import os
 import sys
@@ -34,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from data.pairs import fingerprint, layout, load_pairs, padding_id, read_jsonl
+from data.pairs import derived_seed, fingerprint, layout, load_pairs, padding_id, read_jsonl
 from train_tr import (AT_LEAST_1, DEVICES, NOT_NEGATIVE, check_model_path, check_settings, load_model, one_of,
                       parse_overrides, sequence_logps, setup_distributed)
 
@@ -158,9 +157,8 @@ def sample(cfg):
     bf16 = torch.autocast(device.type, torch.bfloat16, enabled=cfg['dtype'] == 'bfloat16')
     with open(part if cfg['out'] else os.devnull, 'a') as f, bf16:
         for b, batch in tqdm(todo, desc='sampling', disable=rank != 0, dynamic_ncols=True):
-            # the seed of a batch depends only on (seed, batch number), not on the rank or on what ran before; hashed,
-            # because the CPU generator keeps only the low 32 bits of a seed
-            torch.manual_seed(int.from_bytes(hashlib.sha256(f"{cfg['seed']}/{b}".encode()).digest()[:8], 'little'))
+            # the seed of a batch depends only on (seed, batch number), not on the rank or on what ran before
+            torch.manual_seed(derived_seed(cfg['seed'], b))
             completions = generate(policy, [prompt_ids[i] for i, _ in batch], pad_id, tokenizer.eos_token_id,
                                    cfg['max_new_tokens'], cfg['temperature'], cfg['top_p'])
             batch_rows = [dict(prompt=prompts[i], completion=tokenizer.decode(c, skip_special_tokens=True), index=i,

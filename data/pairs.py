@@ -416,9 +416,15 @@ def make_batch(pairs, with_rejected, pad_id, device='cpu'):
     return batch
 
 
+def derived_seed(*numbers):
+    """A generator seed for a tuple of numbers ((seed, epoch), (seed, batch)), hashed so that different tuples give
+    unrelated streams: seeding with seed + epoch gave seed 2 the order of seed 1 one epoch later."""
+    return int.from_bytes(hashlib.sha256('/'.join(map(str, numbers)).encode()).digest()[:8], 'little')
+
+
 @lru_cache(maxsize=2)
 def epoch_order(n_pairs, seed, epoch):
-    return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(derived_seed(seed, epoch))).tolist()
 
 
 def step_pair_indices(n_pairs, done, batch_size, seed):

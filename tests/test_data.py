@@ -701,6 +701,18 @@ def test_step_indices_depend_on_seed():
     assert a != b and sorted(a) == sorted(b) == list(range(20))
 
 
+def test_seeds_share_no_epoch_order():
+    """Every (seed, epoch) has its own order: with seed + epoch as the generator's seed, seed 2 read seed 1's stream
+    one epoch later and seed 3 two epochs later, so runs 'over 3 seeds' shared most of their pairs' order."""
+    n, epochs = 50, 4
+    orders = {tuple(data_pairs.epoch_order(n, seed, epoch)) for seed in (1, 2, 3) for epoch in range(epochs)}
+    assert len(orders) == 3 * epochs
+    streams = {seed: [i for it in range(epochs * n // 10) for i in step_pair_indices(n, it, 10, seed)]
+               for seed in (1, 2, 3)}
+    for a, b in ((1, 2), (1, 3), (2, 3)):
+        assert not any(streams[a][shift * n:] == streams[b][:len(streams[a]) - shift * n] for shift in range(1, epochs))
+
+
 def test_step_indices_are_slices_of_one_stream():
     """The data position is the step number times the batch size: batches of 2, 4 and 6 over n = 10 read the same
     stream of indices (epochs 0, 1, 2, ... one after the other), so their concatenations agree over 24 positions."""
