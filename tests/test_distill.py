@@ -213,14 +213,22 @@ def test_pdpo_without_pessimism_is_dpo_and_starts_at_ln2(tmp_path):
     assert pdpo[-1]['loss'] != dpo[-1]['loss']
 
 
+def opposed_rewards(split, rows):
+    """Three reward models that disagree in sign and size, Δr = ((−1)^j, 0.3, −0.2·(j mod 3)), with j the position
+    in the first step's pairs (its 4 pairs: j = 0..3), else the row's index. At step 1 (m = 0) the pairs' own minima
+    are (0, 0.04, 0.09, 0), sum 0.13; the batch's is model 3's, (0, 0.04, 0.16, 0), sum 0.2."""
+    first = step_pair_indices(len(rows), 0, 4, 1337) if split == 'train' else []
+    for i, row in enumerate(rows):
+        j = first.index(i) if i in first else i
+        row.update(reward_chosen=[(-1.0) ** j, 0.3, -0.2 * (j % 3)], reward_rejected=[0.0, 0.0, 0.0])
+
+
 @pytest.mark.slow
 def test_edistill_two_processes_match_one_and_resume(tmp_path):
     """The ensemble loss with a soft trust-region update and edistill_min=batch, whose minimum is over the global
     micro-batch: 1 process == 2 processes (2 pairs each), and a run resumed halfway == the straight run. The three
     reward models disagree in sign and size, so the per-example and batch minima pick different models."""
-    data = write_labelled(tmp_path / 'data', edit=lambda split, rows: [
-        r.update(reward_chosen=[(-1.0) ** i, 0.3, -0.2 * (i % 3)], reward_rejected=[0.0, 0.0, 0.0])
-        for i, r in enumerate(rows)])
+    data = write_labelled(tmp_path / 'data', edit=opposed_rewards)
     args = [*SMALL, '--loss=edistill', f'--data={data}', '--tr_tau=2', '--tr_alpha=0.5']
     _, one = run(tmp_path / 'one', *args, '--edistill_min=batch')
     _, two = run(tmp_path / 'two', *args, '--edistill_min=batch', nproc=2)
@@ -231,7 +239,7 @@ def test_edistill_two_processes_match_one_and_resume(tmp_path):
     assert [r['loss'] for r in resumed] == [r['loss'] for r in one]
     assert_same_weights(final_state(tmp_path / 'one')['ref'], final_state(tmp_path / 'split')['ref'])
     _, example = run(tmp_path / 'example', *args, '--edistill_min=example')
-    assert example[0]['loss'] < one[0]['loss']  # a per-pair minimum is never above the batch one
+    assert example[0]['loss'] == pytest.approx(0.13 / 4) and one[0]['loss'] == pytest.approx(0.2 / 4)
 
 
 def test_reward_model_learns_the_rule_and_loads_with_from_pretrained(tmp_path):

@@ -122,6 +122,15 @@ def distillation_grid(quick):
     return methods
 
 
+def job(args, seed=0):
+    """A run's spec: its arguments and seed, and the fingerprints of the data and the model it reads, so that a run
+    kept in --out is reused only while all three are unchanged (regenerated pairs would otherwise meet old runs)."""
+    reads = [a.split('=', 1) for a in args or [f'--data={DATA}', f'--init_from={SFT}'] if
+             a.startswith(('--data=', '--init_from='))]
+    return dict(args=args, seed=seed, inputs={key[2:]: data_pairs.fingerprint(value, splits=key == '--data')
+                                              for key, value in reads})
+
+
 def run_dir(out, args, seed):
     """One folder per distinct (arguments, seed)."""
     slug = '_'.join(a.lstrip('-').replace('=', '-').replace('/', '-') for a in args if not a.startswith('--data='))
@@ -278,7 +287,8 @@ def run_jobs(jobs, n_workers):
     def one(path):
         if (path / 'curve.json').exists():
             if json.loads((path / 'job.json').read_text()) != jobs[path]:
-                raise SystemExit(f'error: {path} was run with other settings; use another --out or delete it')
+                raise SystemExit(f'error: {path} was run with other settings or from other data or models; use '
+                                 'another --out or delete it')
             return
         path.mkdir(parents=True, exist_ok=True)
         (path / 'job.json').write_text(json.dumps(jobs[path]))
@@ -613,26 +623,24 @@ def main():
     # B's data, the SFT point and B's reward models, then the labels that d-DPO and e-DPO regress on
     natural_rho = length_biased_sets(out, rhos, n_pairs=256 if args.quick else 2014)
     rms = {rho: [run_dir(out / f'rho_{rho}', ['rm'], seed) for seed in rm_seeds] for rho in rhos}
-    run_jobs({out / 'sft': dict(args=None), **{path: dict(args=[*rm_args, f'--data={out}/rho_{rho}'], seed=seed)
-                                               for rho in rhos for path, seed in zip(rms[rho], rm_seeds)}}, args.jobs)
-    for rho in rhos:
-        labels = out / f'rho_{rho}' / 'labels'
-        if not (labels / 'test.jsonl').exists():
-            subprocess.run([sys.executable, 'data/label.py', f'--data={out}/rho_{rho}', f'--out={labels}',
-                            '--reward_models=' + ','.join(map(str, rms[rho])), '--max_length=64',
-                            '--max_prompt_length=32'], check=True, stdout=subprocess.DEVNULL)
+    run_jobs({out / 'sft': job(None), **{path: job([*rm_args, f'--data={out}/rho_{rho}'], seed)
+                                         for rho in rhos for path, seed in zip(rms[rho], rm_seeds)}}, args.jobs)
+    for rho in rhos:  # label.py continues or keeps labels made by the same reward models, and refuses any others
+        subprocess.run([sys.executable, 'data/label.py', f'--data={out}/rho_{rho}', f'--out={out}/rho_{rho}/labels',
+                        '--reward_models=' + ','.join(map(str, rms[rho])), '--max_length=64',
+                        '--max_prompt_length=32'], check=True, stdout=subprocess.DEVNULL)
 
     jobs, tr_runs, distill_runs = {}, {}, {}
     for key, method_args in trust_region_grid(args.quick).items():
         tr_runs[key] = [run_dir(out / 'trust_region', method_args, seed) for seed in seeds]
-        jobs.update({path: dict(args=[*TOY, *tr_steps, f'--data={DATA}', *method_args], seed=seed)
+        jobs.update({path: job([*TOY, *tr_steps, f'--data={DATA}', *method_args], seed)
                      for path, seed in zip(tr_runs[key], seeds)})
     for rho in rhos:
         for name, method_args in distillation_grid(args.quick).items():
             data = out / f'rho_{rho}' / 'labels' if '--data=LABELS' in method_args else out / f'rho_{rho}'
             method_args = [a for a in method_args if a != '--data=LABELS']
             distill_runs[rho, name] = [run_dir(out / f'rho_{rho}', method_args, seed) for seed in seeds]
-            jobs.update({path: dict(args=[*TOY, *distill_steps, f'--data={data}', *method_args], seed=seed)
+            jobs.update({path: job([*TOY, *distill_steps, f'--data={data}', *method_args], seed)
                          for path, seed in zip(distill_runs[rho, name], seeds)})
     run_jobs(jobs, args.jobs)
 
