@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: runs from any folder
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import AutoConfig, AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from data.pairs import (end_of_turn, fingerprint, jsonl_lines, layout, read_rows, read_text, render_row,  # noqa: E402
                         tokenize_pair)
@@ -55,13 +55,7 @@ def load_reward_models(cfg):
     --loss=rm saves. Any other model would get a randomly initialized score head, and random scores."""
     models = []
     for name in reward_model_names(cfg):
-        check_model_path(name, 'reward_models')
-        config = AutoConfig.from_pretrained(name)
-        if not any(a.endswith('ForSequenceClassification') for a in config.architectures or []) \
-                or config.num_labels != 1:
-            raise SystemExit(f'error: {name} is not a reward model (a sequence classifier with one output; its config '
-                             f'has architectures {config.architectures}, num_labels {config.num_labels}); '
-                             'train one with train_tr.py --loss=rm')
+        check_model_path(name, 'reward_models', reward_model=True)
         models.append((name, load_model(name, reward_model=True).to(resolve_device(cfg['device'])).eval(),
                        AutoTokenizer.from_pretrained(name)))
     return models

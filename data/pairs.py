@@ -129,18 +129,29 @@ def read_rows(source, split):
     return rows, str(path)
 
 
-def check_model_path(name, setting):
+def check_model_path(name, setting, reward_model=None):
     """Stops in one line on a model that is neither an HF model folder here nor loadable from the hub (transformers
-    would report a missing folder as 'Repo id must be in the form ...')."""
+    would report a missing folder as 'Repo id must be in the form ...'), or that is not of the kind the setting needs:
+    reward_model=True, a reward model (a sequence classifier with one output, as train_tr.py --loss=rm saves; any
+    other model would get a random score head); False, a language model (a reward model has no log-probs: loaded as
+    a causal LM it would get a random head in place of its score)."""
     from transformers import AutoConfig
     if not Path(name).exists() and (name.startswith('.') or not re.fullmatch(r'[\w.-]+(/[\w.-]+)?', name)):
         raise SystemExit(f'error: {setting}={name} not found (no such folder)')
     try:
-        AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         where = 'the folder is not an HF model' if Path(name).exists() else \
             'no such folder, and not loadable from the hub'
         raise SystemExit(f'error: {setting}={name}: {where} ({" ".join(str(e).split())})')
+    classifier = any(a.endswith('ForSequenceClassification') for a in config.architectures or [])
+    if reward_model and not (classifier and config.num_labels == 1):
+        raise SystemExit(f'error: {setting}={name} is not a reward model (a sequence classifier with one output; its '
+                         f'config has architectures {config.architectures}, num_labels {config.num_labels}); train '
+                         'one with train_tr.py --loss=rm')
+    if reward_model is False and classifier:
+        raise SystemExit(f'error: {setting}={name} is a reward model (architectures {config.architectures}): it scores '
+                         'responses and has no log-probs; give a language model (an SFT or train_tr.py checkpoint)')
 
 
 def load_tokenizer(name, setting):

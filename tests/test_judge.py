@@ -339,7 +339,7 @@ def test_missing_arguments_are_named(tmp_path, mode, needs):
 def test_reward_mode_needs_a_trained_score_head(tmp_path):
     """A causal LM would be loaded with a random score head and give random rewards."""
     path = write_samples(tmp_path / 's.jsonl', [' x'])
-    with pytest.raises(SystemExit, match=f"^error: {re.escape(SFT)} is not a reward model .*LlamaForCausalLM"):
+    with pytest.raises(SystemExit, match=f'^error: reward_models={re.escape(SFT)} is not a reward model .*ForCausalLM'):
         judge.judge(config(tmp_path, mode='reward', files=path, reward_models=SFT))
 
 
