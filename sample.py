@@ -16,26 +16,37 @@ KL(π‖π_ref) = E_{y~π}[log π(y) − log π_ref(y)] only when y is drawn fro
 came from, so otherwise the mean is E_{y~q}[log π(y) − log π_ref(y)]: a usable x-axis, but not a KL. Completions cut
 at max_new_tokens make it the KL between the distributions of the first max_new_tokens tokens (a lower bound).
 
+The models are loaded in the compute dtype (dtype=auto: bfloat16 on CUDA, float32 elsewhere), without gradients;
+under torchrun each rank holds one whole replica of the policy and of ref (sampling is not sharded). A prompt is fit to
+max_prompt_length by the trainer's rule (data/pairs.py fit_example: a chat prompt drops whole old exchanges first);
+`prompt` is its text and, for chat messages, `prompt_messages` the messages kept, which judge.py mode=reward renders
+with each reward model's own template (null for a text prompt).
+
 Batches are formed globally (batch i is the i-th slice of the prompts, each repeated num_samples times) and each is
 seeded from (seed, i), so a sample does not depend on the number of processes or on resuming. Under torchrun, rank r
 runs batches r, r+world, ...; every rank appends to its own out.part<r> file, and rank 0 merges them in prompt order.
-An interrupted run is continued: batches already in out or in any part file are not sampled again, unless they were
-sampled otherwise (other settings, or other files at the same model path: a retrained checkpoint), which is refused.
-A smaller num_prompts keeps the rows of the prompts it leaves out; a larger one adds the missing ones.
+Rank 0 alone reads the files that every rank needs to know of (the fingerprints of model, ref and data; the rows of an
+earlier run) and sends what it found to the others. An interrupted run (Ctrl-C too) is continued: batches already in
+out or in any part file are not sampled again, unless they were sampled otherwise (other settings, or other files at
+the same model path: a retrained checkpoint), which is refused. A smaller num_prompts keeps the rows of the prompts it
+leaves out; a larger one adds the missing ones. One run at a time writes an out (out.lock); an out that is one of the
+inputs, a reward model as init_from or ref, and top_p or seed with greedy decoding (temperature=0) are refused.
 """
 import json
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
-from data.pairs import derived_seed, fingerprint, layout, load_pairs, padding_id, read_jsonl
-from train_tr import (AT_LEAST_1, DEVICES, NOT_NEGATIVE, check_model_path, check_settings, load_model, one_of,
-                      parse_overrides, sequence_logps, setup_distributed)
+from data.pairs import (check_model_path, check_vocabulary, derived_seed, fingerprint, fingerprinted_files, layout,
+                        load_pairs, load_tokenizer, padding_id, read_jsonl)
+from data.settings import (AT_LEAST_1, DEVICES, NOT_NEGATIVE, OutputLock, check_outputs, check_settings, check_unused,
+                           one_of, parse_overrides)
+from train_tr import load_model, sequence_logps, setup_distributed
 
 defaults = dict(
     init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name
@@ -51,16 +62,19 @@ defaults = dict(
     batch_size=8,           # sequences per generate call (must stay the same when resuming)
     seed=1337,              # with the batch number, the seed of each batch's samples
     device='auto',          # auto | cpu | cuda
-    dtype='float32',        # compute dtype: float32 | bfloat16 (autocast over the float32 weights, as train_tr.py)
+    dtype='auto',           # compute dtype of the models: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
     out='',                 # JSONL output path; '' prints the samples (one process only)
 )
 VALID = {  # setting: (test of its value, what it must be); checked before any model or file is read
     **dict.fromkeys(('num_samples', 'max_prompt_length', 'max_new_tokens', 'batch_size'), AT_LEAST_1),
     **dict.fromkeys(('num_prompts', 'temperature'), NOT_NEGATIVE),
-    'top_p': (lambda v: 0 < v <= 1, 'in (0, 1]'), 'device': one_of(*DEVICES), 'dtype': one_of('float32', 'bfloat16'),
+    'top_p': (lambda v: 0 < v <= 1, 'in (0, 1]'), 'device': one_of(*DEVICES),
+    'dtype': one_of('auto', 'float32', 'bfloat16'),
     'out': (lambda v: not (v and Path(v).is_dir()), 'a file to write, not a folder'),
 }
-# what a sample depends on, written on every line; resuming needs them unchanged. The fingerprints of the models' and
+GREEDY = (lambda c: c['temperature'] > 0, 'sampling (temperature > 0; 0 is greedy decoding)')
+APPLIES = {'top_p': GREEDY, 'seed': GREEDY}  # settings that act only in some runs: a changed one that does not is refused
+# what a sample depends on, written on every line; resuming needs them unchanged (dtype: the compute dtype resolved). The fingerprints of the models' and
 # the data's files (data/pairs.py) tell a checkpoint retrained at the same path from the one sampled before.
 # num_samples and batch_size decide which prompts share a batch, and so its seed; num_prompts only adds batches or
 # leaves them out, so it may change.
@@ -94,15 +108,17 @@ def generate(model, prompt_ids, pad_id, eos_id, max_new_tokens, temperature=0.0,
 
 
 def drop_partial_line(path):
-    """Truncates a file after its last newline, so that appending continues on a clean line."""
+    """Cuts a file after its last newline, in place, so that appending continues on a clean line."""
     if Path(path).exists():
-        data = Path(path).read_bytes()
-        Path(path).write_bytes(data[:data.rfind(b'\n') + 1])
+        os.truncate(path, Path(path).read_bytes().rfind(b'\n') + 1)
 
 
 def check_resumable(path, rows, settings):
     """Stops, naming the first difference, when rows of an earlier run were sampled otherwise than settings say."""
     for row in rows:
+        if 'prompt_messages' not in row:  # a chat prompt's rows would be scored by two rules in one file
+            raise SystemExit(f'error: {path} was written by an older sample.py (its rows have no prompt_messages); use '
+                             'another out= or delete it')
         key = next((k for k in SETTINGS if row.get(k) != settings[k]), None)
         if key:
             files = ' (its files changed)' if key.endswith('_fingerprint') else ''
@@ -112,57 +128,80 @@ def check_resumable(path, rows, settings):
 
 def sample(cfg):
     check_settings(cfg, VALID)
+    check_unused(cfg, defaults, APPLIES)
     rank, world, device = setup_distributed(cfg['device'])
     if not cfg['out'] and world > 1:
         raise SystemExit('error: torchrun needs out= (each rank writes a part file)')
+    dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else 'bfloat16' if device.type == 'cuda' else 'float32'
+    with ExitStack() as stack:  # rank 0's lock on out, held until the end
+        shared = [None]
+        if rank == 0:
+            try:
+                shared = [prepare(cfg, dtype, stack)]
+            except SystemExit as e:  # the refusal, printed by rank 0 alone
+                shared = [e]
+        dist.broadcast_object_list(shared)  # also the barrier: every part file was read before any is changed
+        if isinstance(shared[0], SystemExit):
+            raise shared[0] if rank == 0 else SystemExit(1)
+        return sample_prepared(cfg, rank, world, device, dtype, *shared[0])
+
+
+def prepare(cfg, dtype, stack):
+    """On rank 0, before any work: the inputs' checks, the lock on out (entered into `stack`), the settings with the
+    fingerprints of the models' and the data's files (read once, not by every rank: 8 ranks read an 8B model 8 times)
+    and the (index, sample) of the rows of an earlier run, checked to be sampled as this run samples."""
     for key in ('init_from', 'ref'):
         if cfg[key]:
-            check_model_path(cfg[key], key)
+            check_model_path(cfg[key], key, reward_model=False)
+    check_outputs([('out', cfg['out'])], [('init_from', cfg['init_from']), ('ref', cfg['ref'])] + [
+        ('data', str(path)) for path in fingerprinted_files(cfg['data'], splits=True)])
+    check_vocabulary(load_tokenizer(cfg['init_from'], 'init_from'), cfg['ref'], 'ref')
+    out = Path(cfg['out'] or os.devnull)
+    if cfg['out']:
+        stack.enter_context(OutputLock(f'{out}.lock', cfg['out'], 'out'))
     # an earlier run's rows are checked first: a refusal need not wait for the models
     settings = dict(model=cfg['init_from'], **{k: cfg[k] for k in SETTINGS if k in cfg},
                     model_fingerprint=fingerprint(cfg['init_from']),
                     ref_fingerprint=fingerprint(cfg['ref']) if cfg['ref'] else '',
-                    data_fingerprint=fingerprint(cfg['data']))
-
-    out, part = Path(cfg['out'] or os.devnull), Path(f"{cfg['out']}.part{rank}")
-    done = {}  # (index, sample) -> row, from a finished or interrupted earlier run with any number of processes
+                    data_fingerprint=fingerprint(cfg['data'], splits=True))
+    settings['dtype'] = dtype  # resolved: dtype=auto on a CPU continues a float32 run
+    done = set()  # (index, sample) of a finished or interrupted earlier run with any number of processes
     for path in [out, *out.parent.glob(f'{out.name}.part*')] if cfg['out'] else []:
         rows = read_jsonl(path)
         check_resumable(path, rows, settings)
-        done.update({(row['index'], row['sample']): row for row in rows})
+        done |= {(row['index'], row['sample']) for row in rows}
+    return settings, done
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg['init_from'])
-    if cfg['ref'] and AutoTokenizer.from_pretrained(cfg['ref']).get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"error: ref={cfg['ref']} has another tokenizer than init_from={cfg['init_from']}: "
-                         'logp_ref scores the sampled token ids, which mean other text under another vocabulary')
+
+def sample_prepared(cfg, rank, world, device, dtype, settings, done):
+    out, part = Path(cfg['out'] or os.devnull), Path(f"{cfg['out']}.part{rank}")
+    tokenizer = load_tokenizer(cfg['init_from'], 'init_from')
     pad_id = padding_id(tokenizer)
-    policy = load_model(cfg['init_from']).to(device).eval()
-    ref = load_model(cfg['ref']).to(device).eval() if cfg['ref'] else None
+    # in the compute dtype, without gradients: float32 weights autocast to bf16 held both copies (1.59 GB for
+    # SmolLM2-135M and its reference; README has the figures)
+    policy, ref = (load_model(name, dtype=getattr(torch, dtype)).to(device).requires_grad_(False).eval()
+                   if name else None for name in (cfg['init_from'], cfg['ref']))
     # max_length = max_prompt_length: only the prompt is kept, fit to max_prompt_length as training fits it
     pairs = load_pairs(cfg['data'], cfg['split'], tokenizer, cfg['max_prompt_length'], cfg['max_prompt_length'],
-                       need_rejected=False, verbose=rank == 0, texts=True)
-    prompts = [text for text, _ in pairs[:cfg['num_prompts'] or None]]
-    prompt_ids = [pair.prompt.tolist() for _, pair in pairs[:len(prompts)]]
+                       need_rejected=False, verbose=rank == 0, texts=True)[:cfg['num_prompts'] or None]
+    prompts = [(text, messages if isinstance(messages, list) else None) for messages, text, _ in pairs]
+    prompt_ids = [pair.prompt.tolist() for _, _, pair in pairs]
     items = [(i, j) for i in range(len(prompts)) for j in range(cfg['num_samples'])]
     batches = [items[start:start + cfg['batch_size']] for start in range(0, len(items), cfg['batch_size'])]
 
     todo = [(b, batch) for b, batch in enumerate(batches) if b % world == rank and any(i not in done for i in batch)]
     if cfg['out']:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        dist.barrier()  # every rank has read the part files before any is changed
         drop_partial_line(part)
     rows = []
-    # bf16 sampling and scoring, about twice as fast on a CPU with bf16 units (README has the figures); the weights stay
-    # float32 and are cast once, autocast's cache holding the bf16 copies
-    bf16 = torch.autocast(device.type, torch.bfloat16, enabled=cfg['dtype'] == 'bfloat16')
-    with open(part if cfg['out'] else os.devnull, 'a') as f, bf16:
+    with open(part if cfg['out'] else os.devnull, 'a') as f:
         for b, batch in tqdm(todo, desc='sampling', disable=rank != 0, dynamic_ncols=True):
             # the seed of a batch depends only on (seed, batch number), not on the rank or on what ran before
             torch.manual_seed(derived_seed(cfg['seed'], b))
             completions = generate(policy, [prompt_ids[i] for i, _ in batch], pad_id, tokenizer.eos_token_id,
                                    cfg['max_new_tokens'], cfg['temperature'], cfg['top_p'])
-            batch_rows = [dict(prompt=prompts[i], completion=tokenizer.decode(c, skip_special_tokens=True), index=i,
-                               sample=j, tokens=len(c), **settings) for (i, j), c in zip(batch, completions)]
+            batch_rows = [dict(prompt=prompts[i][0], prompt_messages=prompts[i][1],
+                               completion=tokenizer.decode(c, skip_special_tokens=True), index=i, sample=j,
+                               tokens=len(c), **settings) for (i, j), c in zip(batch, completions)]
             if ref is not None:  # the exact sampled ids, scored by the trainer's log-prob code
                 scored = layout([(torch.tensor(prompt_ids[i]), [torch.tensor(c)])
                                  for (i, _), c in zip(batch, completions)], pad_id, device)
@@ -180,10 +219,10 @@ def sample(cfg):
     dist.barrier()
     if rank == 0:  # merge: every (index, sample) from the old output and all part files, in prompt order; rows of
         # prompts beyond a smaller num_prompts stay (deleting samples is for the user to do)
-        parts = list(out.parent.glob(f'{out.name}.part*'))
+        parts, merged = list(out.parent.glob(f'{out.name}.part*')), {}
         for path in [out, *parts]:
-            done.update({(row['index'], row['sample']): row for row in read_jsonl(path)})
-        rows = [done[key] for key in sorted(done)]
+            merged.update({(row['index'], row['sample']): row for row in read_jsonl(path)})
+        rows = [merged[key] for key in sorted(merged)]
         tmp = out.with_name(out.name + '.tmp')
         tmp.write_text(''.join(json.dumps(row) + '\n' for row in rows))
         os.replace(tmp, out)
@@ -197,5 +236,13 @@ def sample(cfg):
 
 
 if __name__ == '__main__':
-    sample(parse_overrides(sys.argv[1:], defaults, __file__))
+    config = parse_overrides(sys.argv[1:], defaults, __file__)
+    try:
+        sample(config)
+    except KeyboardInterrupt:  # Ctrl-C: one line (rank 0); each batch written is whole in a part file, kept for a rerun
+        if int(os.environ.get('RANK', 0)):
+            raise SystemExit(1)
+        kept = f"the finished batches are kept in {config['out']}.part*: rerun the same command to continue" \
+            if config['out'] else 'nothing is kept (out=)'
+        raise SystemExit(f'error: interrupted; {kept}')
     dist.destroy_process_group()

@@ -132,11 +132,18 @@ def write_samples(path, completions, prompts=None):
 
 
 def config(tmp_path, server=None, **overrides):
-    """judge.py's settings for a test: the server's URL, or one that no request reaches in a test without a server."""
-    return {**judge.defaults, **dict(judge_model='judge-1', base_url=server.url if server else 'http://127.0.0.1:9/v1',
-                                     backoff=0.01,
-                                     cache=str(tmp_path / 'cache.jsonl'), out=str(tmp_path / 'result.json'),
-                                     bootstrap=200, batch_size=4, device='cpu'), **overrides}
+    """judge.py's settings for a test, only those that act in its run (judge.py refuses the others): an HTTP judge at
+    the server's URL (or one that no request reaches, in a test without a server), a local judge and reward models on
+    the CPU, a cache and out in tmp_path."""
+    cfg = {**judge.defaults, 'out': str(tmp_path / 'result.json'), 'bootstrap': 200, **overrides}
+    if judge.asks(cfg):
+        cfg['judge_model'] = overrides.get('judge_model', 'judge-1')
+        cfg['cache'] = overrides.get('cache', str(tmp_path / 'cache.jsonl'))
+        if cfg['judge'] == 'http':
+            cfg.update({'base_url': server.url if server else 'http://127.0.0.1:9/v1', 'backoff': 0.01, **overrides})
+    if cfg['mode'] == 'reward' or cfg['judge'] == 'hf':
+        cfg.update({'batch_size': 4, 'device': 'cpu', **overrides})
+    return cfg
 
 
 def prefer_longer(prompt):
@@ -323,8 +330,9 @@ def test_bad_sample_files_are_one_line(tmp_path, mode, content, message):
     if content is not None:
         path.write_text(content)
     files = dict(a=str(path), b=str(path)) if mode == 'pairwise' else dict(files=f'{path},')
+    models = dict(reward_models=SFT) if mode == 'reward' else {}
     with pytest.raises(SystemExit, match='^error: ' + re.escape(message.format(path=path)).replace(r'\$', '$')):
-        judge.judge(config(tmp_path, mode=mode, reward_models=SFT, **files))
+        judge.judge(config(tmp_path, mode=mode, **models, **files))
 
 
 @pytest.mark.parametrize('mode, needs', [('pairwise', 'a= and b='), ('criteria', 'files='), ('reward', 'files=')])
@@ -449,7 +457,8 @@ def test_label_writes_rewards_and_resumes(tmp_path, reward_models, capsys):
     assert all(r['reward_models'] == reward_models for r in rows)  # which model each reward is from
     assert rows[0]['reward_provenance'] == dict(
         reward_model_fingerprints=[fingerprint(n) for n in reward_models],
-        data_fingerprint=fingerprint(data / 'train.jsonl'), max_length=128, max_prompt_length=64, batch_size=4)
+        data_fingerprint=fingerprint(data / 'train.jsonl'), max_length=128, max_prompt_length=64, batch_size=4,
+        scoring=label.SCORING)
     original = [json.loads(line) for line in lines[:30]]
     assert [{k: v for k, v in r.items() if not k.startswith('reward_')} for r in rows] == original
     tokenizer = AutoTokenizer.from_pretrained(SFT)
@@ -663,9 +672,8 @@ def test_a_redirect_is_not_followed_with_the_key(tmp_path, server, monkeypatch, 
         a = write_samples(tmp_path / 'a.jsonl', [' x'])
         with pytest.raises(SystemExit) as info:
             judge.judge(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
-        assert str(info.value) == (f'error: the judge at {server.url} answered HTTP {code}, a redirect to '
-                                   f'{other.url}/chat/completions?stolen=***: not followed; if you trust that server, '
-                                   'make it base_url')
+        assert str(info.value) == (f'error: the judge at {server.url} answered HTTP {code}, a redirect, not followed '
+                                   f'(if you trust that server, make it base_url): {other.url}/chat/completions?***')
         assert server.hits == 1 and server.auth == {f'Bearer {KEY}'}  # not retried
         assert other.hits == 0 and not other.auth
     finally:
