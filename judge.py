@@ -199,10 +199,11 @@ def ask(prompts, cfg):
             # http: `concurrency` requests at a time, in order; hf: a generator, not started if zip finds todo empty
             answers = in_threads(answer, todo, cfg['concurrency']) if cfg['judge'] == 'http' else hf_answers(todo, cfg)
             desc = f'judging ({len(prompts) - len(todo)} of {len(prompts)} cached)'
-            try:
-                for prompt, answer in zip(todo, tqdm(answers, desc, total=len(todo), dynamic_ncols=True)):
-                    cached[key(prompt)] = redact(answer, cfg)
-                    append_line(cache, json.dumps({'key': key(prompt), 'answer': cached[key(prompt)]}) + '\n')
+            try:  # the bar is closed also when interrupted, so that the error line starts a line of its own
+                with tqdm(answers, desc, total=len(todo), dynamic_ncols=True) as bar:
+                    for prompt, answer in zip(todo, bar):
+                        cached[key(prompt)] = redact(answer, cfg)
+                        append_line(cache, json.dumps({'key': key(prompt), 'answer': cached[key(prompt)]}) + '\n')
             finally:
                 answers.close()
     except SystemExit as e:

@@ -193,8 +193,10 @@ def sample_prepared(cfg, rank, world, device, dtype, settings, done):
     if cfg['out']:
         drop_partial_line(part)
     rows = []
-    with open(part if cfg['out'] else os.devnull, 'a') as f:
-        for b, batch in tqdm(todo, desc='sampling', disable=rank != 0, dynamic_ncols=True):
+    # the bar is closed also when interrupted, so that the error line starts a line of its own
+    with open(part if cfg['out'] else os.devnull, 'a') as f, \
+            tqdm(todo, desc='sampling', disable=rank != 0, dynamic_ncols=True) as bar:
+        for b, batch in bar:
             # the seed of a batch depends only on (seed, batch number), not on the rank or on what ran before
             torch.manual_seed(derived_seed(cfg['seed'], b))
             completions = generate(policy, [prompt_ids[i] for i, _ in batch], pad_id, tokenizer.eos_token_id,

@@ -189,7 +189,7 @@ def http_answer(prompt, cfg):
                 error = f'{type(e).__name__}: {e}'
             else:  # a certificate or protocol failure, at once: a plain-http server answers an https:// URL so
                 plain = ' (a plain-http server? then base_url is http://)' if 'VERSION' in str(e).upper() else ''
-                raise SystemExit(f'error: no TLS connection to {where}{through}: {e.reason or e}{plain}')
+                raise SystemExit(f"error: no TLS connection to {where}{through}: {' '.join(str(e).split())}{plain}")
         except OSError as e:
             if str(e).startswith('Tunnel connection failed: 4'):  # the proxy refuses: 403, 407
                 raise SystemExit(f'error: cannot reach {where}{through}: {e}')

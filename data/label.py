@@ -178,13 +178,15 @@ def label_locked(cfg):
     results = []
     for name, path, usable, made, kept, skipped in splits:
         path.write_text(''.join(line + '\n' for line in kept))
-        for start in tqdm(range(len(kept), len(usable), size), desc=f'labelling {path.stem}', dynamic_ncols=True):
-            chunk = usable[start:start + size]
-            scores = rewards(models, [ids for _, ids in chunk], cfg)
-            with open(path, 'a') as f:  # closed, so flushed, after every batch
-                for (row, _), per_model in zip(chunk, scores):
-                    f.write(json.dumps({**row, 'reward_chosen': [c for c, _ in per_model],
-                                        'reward_rejected': [r for _, r in per_model], **made}) + '\n')
+        # the bar is closed also when interrupted, so that the error line starts a line of its own
+        with tqdm(range(len(kept), len(usable), size), desc=f'labelling {path.stem}', dynamic_ncols=True) as bar:
+            for start in bar:
+                chunk = usable[start:start + size]
+                scores = rewards(models, [ids for _, ids in chunk], cfg)
+                with open(path, 'a') as f:  # closed, so flushed, after every batch
+                    for (row, _), per_model in zip(chunk, scores):
+                        f.write(json.dumps({**row, 'reward_chosen': [c for c, _ in per_model],
+                                            'reward_rejected': [r for _, r in per_model], **made}) + '\n')
         results.append(dict(split=name, pairs=len(usable), skipped=sum(skipped.values()), **skipped,
                             labelled_now=len(usable) - len(kept), out=str(path)))
         why = ''.join(f', {n} {reason}' for reason, n in sorted(skipped.items()))

@@ -308,21 +308,21 @@ Pair = namedtuple('Pair', 'prompt chosen rejected reward_margins', defaults=(Non
 Fitted = namedtuple('Fitted', 'prompt prompt_text ids')
 
 
-def fit_example(tokenizer, prompt, responses, max_length, max_prompt_length, turn_end=''):
+def fit_example(tokenizer, prompt, responses, max_length, max_prompt_length, turn_end='', rendered=None):
     """The one truncation rule of every script (training, reward labels, reward scoring, the prompts of sample.py),
     as a Fitted example. Prompt and responses are text or chat messages. When the prompt and its longest response
     exceed max_length, a chat prompt drops whole exchanges, oldest first, until the prompt is within
     max_prompt_length or the whole example fits, so that its system turn, the template's opening and its last user
     turn stay intact (cutting tokens off its start would drop those); then truncate() cuts what is still too long:
     the prompt's start (a last user turn that alone is over max_prompt_length is cut like text), then the responses'
-    ends. Raises what the chat template raises.
+    ends. Raises what the chat template raises. `rendered`: render(tokenizer, prompt, responses), if the caller has it.
 
     The number of exchanges to drop is the smallest that fits (prompts only shrink as exchanges go): found by an
     exponential search from the last exchange, then bisection, so a long conversation costs a few renders of its
     kept end, not one render per dropped exchange (2,000 exchanges took 98 s that way)."""
     def encode(k):  # the example with its k oldest exchanges dropped
         kept = without_oldest_exchange(prompt, k) if k else prompt
-        prompt_text, texts = render(tokenizer, kept, responses)
+        prompt_text, texts = rendered if rendered and not k else render(tokenizer, kept, responses)
         return Fitted(kept, prompt_text, list(tokenize_pair(tokenizer, prompt_text, *texts, *[None] * (2 - len(texts)),
                                                             max_length=10**9, max_prompt_length=10**9,
                                                             turn_end=turn_end)))
@@ -358,7 +358,8 @@ def fit_row(row, tokenizer, max_length, max_prompt_length, need_rejected=True, t
         return texts
     responses = [row['chosen'], row['rejected']] if need_rejected else [row['chosen']]
     try:  # the template took the whole conversation; a shorter one it could still refuse
-        fitted = fit_example(tokenizer, row['prompt'], responses, max_length, max_prompt_length, turn_end)
+        fitted = fit_example(tokenizer, row['prompt'], responses, max_length, max_prompt_length, turn_end,
+                             rendered=(texts[0], [t for t in texts[1:] if t is not None]))
     except ChatTemplateMismatch:
         return 'chat template mismatch'
     except Exception:

@@ -36,11 +36,15 @@ class ChatServer(ThreadingHTTPServer):
     """POST /v1/chat/completions: answers `reply(prompt)`, after the failures queued in `script` (an HTTP status,
     'garbage' for a body that is not JSON, 'no_choices' for JSON without choices, 'slow' for an answer after 0.5 s,
     'bad_key' for OpenAI's 401 answer, which quotes the key, 'echo_reason' for a 500 whose status line quotes it,
-    (code, url) for a redirect, 'trickle' / 'trickle_head' for an answer / a status line sent a byte every 0.05 s).
-    Counts requests and keeps the Authorization headers it got."""
+    (code, url) for a redirect, 'trickle' / 'trickle_head' for an answer / a status line sent a byte every 0.05 s,
+    {'status': code, 'headers': {...}} for an error with those headers, 'endless' for a 200 whose body goes on for
+    64 MiB). Counts requests (and the bytes of endless bodies sent) and keeps the Authorization headers it got."""
+    daemon_threads = True
+
     def __init__(self):
         super().__init__(('127.0.0.1', 0), ChatHandler)
         self.hits, self.script, self.auth, self.prompts, self.lock = 0, [], set(), [], threading.Lock()
+        self.proxy_auth, self.sent = set(), 0
         self.reply = lambda prompt: 'Comparison: both are fine.\nMore helpful: A'
         self.url = f'http://127.0.0.1:{self.server_address[1]}/v1'
 
@@ -52,6 +56,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         with server.lock:
             server.hits += 1
             server.auth.add(self.headers.get('Authorization'))
+            server.proxy_auth.add(self.headers.get('Proxy-Authorization'))
             server.prompts.append(request['messages'][0]['content'])
             action = server.script.pop(0) if server.script else None
         assert self.path == '/v1/chat/completions' and request['temperature'] == 0 and request['model'] == 'judge-1'
@@ -62,6 +67,22 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.send_header('Location', action[1])
             self.send_header('Content-Length', '0')
             self.end_headers()
+            return
+        if isinstance(action, dict):
+            self.send_response(action['status'])
+            for name, value in action['headers'].items():
+                self.send_header(name, value)
+            self.send_header('Content-Length', '2')
+            self.end_headers()
+            self.wfile.write(b'{}')
+            return
+        if action == 'endless':  # no Content-Length: the body ends when the connection does
+            self.send_response(200)
+            self.end_headers()
+            chunk = b'x' * 2**16
+            for _ in range(2**10):
+                self.wfile.write(chunk)
+                server.sent += len(chunk)
             return
         if action == 'echo_reason':
             key = self.headers.get('Authorization', '').removeprefix('Bearer ')
@@ -112,6 +133,14 @@ class ChatHandler(BaseHTTPRequestHandler):
             super().handle_one_request()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client timed out and went away
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_settings(monkeypatch):
+    """The machine's proxy settings would send the tests' requests to 127.0.0.1 through its proxy."""
+    for name in ('http_proxy', 'https_proxy', 'no_proxy', 'all_proxy', 'REQUEST_METHOD'):
+        for variable in (name, name.upper()):
+            monkeypatch.delenv(variable, raising=False)
 
 
 @pytest.fixture
