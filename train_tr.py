@@ -127,9 +127,10 @@ DEVICES = ('auto', 'cpu', 'cuda')
 # the LOSSES table says what each one reads, and batch_loss computes exactly that
 # Terms: per-pair values of a micro-batch, [n] for n pairs. The policy's summed log-probs of the chosen and rejected
 # responses (a reward model: its rewards r(x, y); sft: chosen only), their log-ratios ρ = logπ_θ − logπ_ref, the
-# responses' token counts, the reward models' margins Δr_i [n, k] of labelled pairs, and KTO's baseline z.
+# responses' token counts, the reward models' margins Δr_i [n, k] of labelled pairs, and two values of the whole
+# optimizer step: KTO's baseline z, and e-DPO's reward model i (edistill_min=batch).
 Terms = namedtuple('Terms', 'chosen rejected rho_chosen rho_rejected chosen_tokens rejected_tokens reward_margins '
-                   'kto_z', defaults=(None,) * 7)
+                   'kto_z member', defaults=(None,) * 8)
 
 
 def forward_kl(x):
@@ -175,14 +176,10 @@ def edistill_loss(x, cfg):
     """e-DPO keeps, of the k reward models, the one closest to the policy: the policy need only agree with one
     plausible reward model of the family, and γ·KL pulls it toward π_ref, so it moves only as far as the most
     conservative member allows (the pessimism; our reading of the paper, see README). 'batch' takes the minimum of
-    the whole (micro-batch) loss, one member for all pairs as in the paper; 'example' a member per pair."""
+    the whole loss, one member i for all pairs of the optimizer step as in the paper (x.member: closest_member);
+    'example' a member per pair."""
     errors = (cfg['beta'] * (x.rho_chosen - x.rho_rejected)[:, None] - x.reward_margins) ** 2
-    if cfg['edistill_min'] == 'example':
-        closest = errors.min(-1).values
-    else:  # 'batch': min_i of the mean error over the global micro-batch; the argmin is picked without gradient
-        totals = errors.detach().sum(0)
-        dist.all_reduce(totals)
-        closest = errors[:, totals.argmin()]
+    closest = errors.min(-1).values if cfg['edistill_min'] == 'example' else errors[:, x.member]
     return closest + cfg['pessimism_gamma'] * forward_kl(x)
 
 
@@ -234,6 +231,26 @@ def kto_baseline(policy, ref, pairs, micro_size, pad_id, cfg, device):
     return (total[0] / total[1]).clamp(min=0)
 
 
+def closest_member(margins, reward_margins):
+    """e-DPO's reward model for a whole batch: argmin_i Σ (m − Δr_i)² over the pairs of every rank, the margins m of
+    the policy given (no gradient flows through the choice)."""
+    totals = ((margins[:, None] - reward_margins) ** 2).sum(0)
+    dist.all_reduce(totals)
+    return totals.argmin()
+
+
+def edistill_member(policy, ref, batches, cfg):
+    """closest_member of an optimizer step's global batch, from forwards without gradient of this rank's
+    micro-batches (as KTO's z), so that neither the split over ranks nor grad_accum changes the objective; None
+    unless the loss is edistill with edistill_min=batch. Costs a policy and a reference forward per micro-batch."""
+    if cfg['loss'] != 'edistill' or cfg['edistill_min'] != 'batch':
+        return None
+    with torch.no_grad():
+        margins = [cfg['beta'] * torch.sub(*chosen_rejected(sequence_logps(policy, b)[0] - sequence_logps(ref, b)[0]))
+                   for b in batches]
+    return closest_member(torch.cat(margins), torch.cat([b['reward_margins'] for b in batches]))
+
+
 def loss_denominator(batch, loss_name):
     """What the loss of a batch averages over: response tokens for sft, pairs (rows) otherwise."""
     if not LOSSES[loss_name].pairs:
@@ -241,9 +258,10 @@ def loss_denominator(batch, loss_name):
     return torch.tensor(float(len(batch['input_ids'])), device=batch['input_ids'].device)
 
 
-def batch_loss(policy, ref, batch, cfg, kto_z=None):
+def batch_loss(policy, ref, batch, cfg, kto_z=None, member=None):
     """(Σ of per-pair losses, or Σ token NLL for sft; dict of per-pair metric values) for one micro-batch: the Terms
-    that LOSSES says the loss reads, then its function; kto_z is KTO's baseline for the step (kto_baseline)."""
+    that LOSSES says the loss reads, then its function; kto_z and member are the step's KTO baseline (kto_baseline)
+    and e-DPO reward model (edistill_member)."""
     spec = LOSSES[cfg['loss']]
     if spec.reference:
         with torch.no_grad():  # first: its temporaries are gone before the policy's activations are kept for backward
@@ -251,7 +269,7 @@ def batch_loss(policy, ref, batch, cfg, kto_z=None):
     outputs, tokens = (sequence_rewards(policy, batch), batch['lengths']) if spec.rm else sequence_logps(policy, batch)
     rho = chosen_rejected(outputs - ref_logps) if spec.reference else (None, None)
     x = Terms(*chosen_rejected(outputs, spec.pairs), *rho, *chosen_rejected(tokens, spec.pairs),
-              batch.get('reward_margins'), kto_z)
+              batch.get('reward_margins'), kto_z, member)
     return spec.fn(x, cfg).sum(), loss_metrics(x, spec, cfg)
 
 
@@ -356,6 +374,7 @@ def train(cfg):
         mine = step_pairs[rank::world]
         batches = [make_batch(mine[m * micro_size:(m + 1) * micro_size], spec.pairs, pad_id, device)
                    for m in range(cfg['grad_accum'])]
+        member = edistill_member(policy, ref, batches, cfg)
         # The objective is a mean over the global batch (of pairs, or of response tokens for sft). FSDP averages
         # gradients over ranks, so each rank scales its sum by world/denominator.
         denominator = sum(loss_denominator(b, cfg['loss']) for b in batches)
@@ -364,7 +383,7 @@ def train(cfg):
         for m, batch in enumerate(batches):
             if isinstance(policy, FSDPModule):  # reduce gradients once, after the last micro-step
                 policy.set_requires_gradient_sync(m == len(batches) - 1)
-            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z)
+            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z, member)
             (loss_sum * world / denominator).backward()
             metrics = {'loss': loss_sum.detach() / denominator, 'tokens': batch['n_tokens'],
                        **{k: v.sum() / cfg['batch_size'] for k, v in metrics.items()}}
@@ -884,18 +903,20 @@ def peak_memory_gb(device):  # CPU: the peak RSS, which Linux reports in KiB
 
 
 def evaluate(policy, ref, pairs, pad_id, cfg, rank, world, micro_size, device):
-    """Mean metrics over the first eval_pairs held-out pairs (a whole number of global micro-batches); KTO's z is
-    one value from all of them."""
+    """Mean metrics over the first eval_pairs held-out pairs (a whole number of global micro-batches); KTO's z and
+    e-DPO's reward model are each one value from all of them."""
     n = min(len(pairs), cfg['eval_pairs']) // (world * micro_size) * world * micro_size
     if n == 0:
         return {}
     mismatched = LOSSES[cfg['loss']].mismatched
     kto_z = kto_baseline(policy, ref, pairs[:n], micro_size, pad_id, cfg, device) if mismatched else None
+    batches = [make_batch(pairs[start:start + micro_size], LOSSES[cfg['loss']].pairs, pad_id, device)
+               for start in range(rank * micro_size, n, world * micro_size)]
+    member = edistill_member(policy, ref, batches, cfg)
     sums = {}
     with torch.no_grad():
-        for start in range(rank * micro_size, n, world * micro_size):
-            batch = make_batch(pairs[start:start + micro_size], LOSSES[cfg['loss']].pairs, pad_id, device)
-            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z)
+        for batch in batches:
+            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z, member)
             metrics.update(loss=loss_sum, denominator=loss_denominator(batch, cfg['loss']))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.sum()
