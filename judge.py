@@ -33,8 +33,10 @@ from sample import drop_partial_line, generate
 from data.judge_client import http_answer, redact
 from data.label import load_reward_models, reward_model_names, rewards
 from data.pairs import jsonl_lines, padding_id, read_jsonl, read_text, tokenize_prompt
-from train_tr import (AT_LEAST_1, DEVICES, NOT_NEGATIVE, check_model_path, check_settings, load_model, one_of,
-                      parse_overrides, resolve_device)
+from data.pairs import check_model_path
+from data.settings import AT_LEAST_1, DEVICES, NOT_NEGATIVE, parse_overrides
+from data.settings import check_values as check_settings, choice as one_of
+from train_tr import load_model, resolve_device
 
 defaults = dict(
     mode='pairwise',        # pairwise | criteria | reward

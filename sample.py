@@ -34,8 +34,10 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from data.pairs import derived_seed, fingerprint, layout, load_pairs, padding_id, read_jsonl
-from train_tr import (AT_LEAST_1, DEVICES, NOT_NEGATIVE, check_model_path, check_settings, load_model, one_of,
-                      parse_overrides, sequence_logps, setup_distributed)
+from data.pairs import check_model_path
+from data.settings import AT_LEAST_1, DEVICES, NOT_NEGATIVE, parse_overrides
+from data.settings import check_values as check_settings, choice as one_of
+from train_tr import load_model, sequence_logps, setup_distributed
 
 defaults = dict(
     init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name

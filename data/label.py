@@ -25,8 +25,10 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from data.pairs import (end_of_turn, fingerprint, jsonl_lines, layout, read_rows, read_text, render_row,  # noqa: E402
                         tokenize_pair)
-from train_tr import (AT_LEAST_1, DEVICES, check_model_path, check_settings, load_model, one_of,  # noqa: E402
-                      parse_overrides, resolve_device, sequence_rewards)
+from data.pairs import check_model_path  # noqa: E402
+from data.settings import AT_LEAST_1, DEVICES, parse_overrides  # noqa: E402
+from data.settings import check_values as check_settings, choice as one_of  # noqa: E402
+from train_tr import load_model, resolve_device, sequence_rewards  # noqa: E402
 
 defaults = dict(
     reward_models='',       # comma-separated HF reward models (sequence classifiers with one output)

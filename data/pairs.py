@@ -88,6 +88,8 @@ def read_rows(source, split):
             ignored = f' ({", ".join(f.name for f in found)} not read: the name must end in .jsonl, .json or .parquet)'
             return None, f'no {split}.jsonl, {split}.json or {split}.parquet in {path}' + (ignored if found else '')
         path = files[0]
+        if not path.is_file():  # a link to nothing: found by its name, unreadable
+            raise SystemExit(f'error: {path} is a broken link (to {path.readlink()}) or not a file')
     elif path.is_file():
         if path.suffix.lower() not in DATA_SUFFIXES:
             raise SystemExit(f'error: {path}: a data file must end in .jsonl (one JSON object per line), .json or '

@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]  # judge.py and prepare.py, from any folder
 from judge import VALID, per_file, read_samples, report, sample_files  # noqa: E402
 from prepare import gold_reward  # noqa: E402
-from train_tr import check_settings, parse_overrides  # noqa: E402
+from data.settings import check_values as check_settings, parse_overrides  # noqa: E402
 
 defaults = dict(
     files='',               # comma-separated sample files (sample.py --out=) of the toy's prompts
