@@ -683,7 +683,9 @@ def split_lora_state(state, lora_config):
 
 
 def write_adapter(folder, adapters, lora_config):
-    """The policy's adapters as PEFT saves them, which peft.PeftModel.from_pretrained(base, folder) loads."""
+    """The policy's adapters as PEFT saves them, which peft.PeftModel.from_pretrained(base, folder) loads. They trained
+    on the base in the compute dtype: after dtype=bfloat16, load the base in bf16 (and .float() it for the merged
+    model's float32 logits); a float32 base is another model, unrounded, whose logits differ by the rounding."""
     from safetensors.torch import save_file
     folder.mkdir()
     (folder / 'adapter_config.json').write_text(json.dumps(lora_config, indent=2))
