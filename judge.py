@@ -40,61 +40,61 @@ from data.judge_client import http_answer, redact, redact_url
 from data.label import load_reward_models, reward_model_names, rewards
 from data.pairs import (check_model_path, fingerprint, fit_example, is_messages, jsonl_lines, load_tokenizer,
                         padding_id, read_jsonl, read_text, tokenize_prompt)
-from data.settings import (AT_LEAST_1, DEVICES, NOT_NEGATIVE, OutputLock, check_outputs, check_settings, check_unused,
+from data.settings import (NOT_A_FOLDER, PROMPT_FITS, OutputLock, check_outputs, check_settings, defaults_of, need,
                            one_of, parse_overrides)
 from train_tr import load_model, resolve_device
 
-defaults = dict(
-    mode='pairwise',        # pairwise | criteria | reward
-    a='', b='',             # pairwise: sample files (sample.py output) of systems A and B; the win rate is A's
-    files='',               # criteria, reward: comma-separated sample files
-    template='',            # data/judge_templates/NAME.txt or a file path; '' = hh (pairwise), criteria (criteria)
-    judge='http',           # http: OpenAI-compatible chat-completions endpoint | hf: local HF causal LM
-    judge_model='gpt-4o',   # http: the endpoint's model name; hf: HF directory or hub name
-    base_url='https://api.openai.com/v1',  # http: the OpenAI-compatible endpoint
-    api_key_env='OPENAI_API_KEY',  # http: the environment variable holding the key (never printed or written)
-    max_tokens=256,         # length of the judge's answer
-    timeout=60.0,           # seconds per HTTP request, all of it: connecting, sending, the whole answer
-    retries=5,              # after a 429, a 5xx, a timeout, a dropped connection or a malformed answer
-    backoff=1.0,            # seconds before the first retry; doubles every retry
-    concurrency=4,          # HTTP requests in flight
-    cache='judge_cache.jsonl',  # judge answers, so that a rerun asks nothing twice; '' = no cache
-    bootstrap=1000,         # resamples of the prompts for the 95% confidence intervals
-    seed=1337,              # response order shown to the judge, and the bootstrap
-    reward_models='',       # reward: comma-separated HF reward models (sequence classifiers, one output)
-    batch_size=16,          # sequences per forward pass of a local model (reward models, hf judge)
-    max_length=128, max_prompt_length=64,  # reward models: tokens of prompt + response, truncated as in training
-    device='auto',          # auto | cpu | cuda
-    out='',                 # JSON of every number (pairwise, criteria: verdicts JSONL beside it)
-)
+# -----------------------------------------------------------------------------
+# settings: a setting a line, `name: its check = default  # meaning` (data/settings.py), checked before any file is
+# read or request sent; with only=, another value than the default is refused where the setting does nothing
+LLM_JUDGE = "mode != 'reward'"                  # pairwise and criteria ask an LLM judge; reward runs reward models
+HTTP_JUDGE = f"{LLM_JUDGE} and judge == 'http'"
+LOCAL_MODELS = "mode == 'reward' or judge == 'hf'"
+REWARD = "mode == 'reward'"
+mode: one_of('pairwise', 'criteria', 'reward') = 'pairwise'  # pairwise | criteria | reward
+a: need(only="mode == 'pairwise'") = ''         # pairwise: sample file (sample.py output) of system A, whose win
+                                                # rate is reported
+b: need(only="mode == 'pairwise'") = ''         # pairwise: sample file of system B
+files: need(only="mode != 'pairwise'") = ''     # criteria, reward: comma-separated sample files
+template: need(only=LLM_JUDGE) = ''             # data/judge_templates/NAME.txt or a file path; '' = hh (pairwise),
+                                                # criteria (criteria)
+judge: one_of('http', 'hf', only=LLM_JUDGE) = 'http'  # http: OpenAI-compatible chat-completions endpoint | hf: local
+                                                # HF causal LM
+judge_model: need(only=LLM_JUDGE) = 'gpt-4o'    # http: the endpoint's model name; hf: HF directory or hub name
+base_url: need(only=HTTP_JUDGE) = 'https://api.openai.com/v1'  # the OpenAI-compatible endpoint (http:// or https://,
+                                                # no user, query or fragment)
+api_key_env: need(only=HTTP_JUDGE) = 'OPENAI_API_KEY'  # the environment variable holding the key (never printed or
+                                                # written)
+max_tokens: need('max_tokens >= 1', only=LLM_JUDGE) = 256  # length of the judge's answer
+timeout: need('timeout > 0', only=HTTP_JUDGE) = 60.0  # seconds per HTTP request, all of it: connecting, sending, the
+                                                # whole answer
+retries: need('retries >= 0', only=HTTP_JUDGE) = 5  # after a 429, a 5xx, a timeout, a dropped connection or a
+                                                # malformed answer; a Retry-After is waited for within the backoff's
+                                                # total, backoff·(2^retries − 1) seconds
+backoff: need('backoff >= 0', only=HTTP_JUDGE) = 1.0  # seconds before the first retry; doubles every retry
+concurrency: need('concurrency >= 1', only=HTTP_JUDGE) = 4  # HTTP requests in flight
+cache: NOT_A_FOLDER._replace(only=LLM_JUDGE) = 'judge_cache.jsonl'  # judge answers, so that a rerun asks nothing
+                                                # twice (runs may share it); '' = no cache
+bootstrap: need('bootstrap >= 1') = 1000        # resamples of the prompts for the 95% confidence intervals
+seed: need('0 <= seed < 2**64') = 1337          # response order shown to the judge, and the bootstrap
+reward_models: need(only=REWARD) = ''           # reward: comma-separated HF reward models (sequence classifiers, one
+                                                # output)
+batch_size: need('batch_size >= 1', only=LOCAL_MODELS) = 16  # sequences per forward pass of a local model (reward
+                                                # models, hf judge)
+max_length: need('max_length >= 1', only=REWARD) = 128  # reward models: tokens of prompt + response, truncated as in
+                                                # training
+max_prompt_length: PROMPT_FITS._replace(only=REWARD) = 64  # reward models: tokens of the prompt, as in training
+device: one_of('auto', 'cpu', 'cuda', only=LOCAL_MODELS) = 'auto'  # auto | cpu | cuda
+out: NOT_A_FOLDER = ''                          # JSON of every number (pairwise, criteria: verdicts JSONL beside it)
+defaults = defaults_of(globals())
 CRITERIA = ('coherence', 'correctness', 'level of detail', 'helpfulness', 'harmlessness')
 NEEDS = {'pairwise': ('a', 'b'), 'criteria': ('files',), 'reward': ('files', 'reward_models')}  # each mode's inputs
 FIELDS = {'pairwise': ['a', 'b', 'prompt'], 'criteria': ['prompt', 'response']}  # of each mode's template, sorted
-NOT_A_FOLDER = (lambda v: not v or not Path(v).is_dir(), 'a file path, not a folder')
 BASE_URL = re.compile(r'https?://([\w.-]+|\[[\w:.%]+\])(:\d{1,5})?(/[^?#\s]*)?')  # no user, query or fragment
-VALID = {  # setting: (test of its value, what it must be); checked before any file is read or request sent
-    'mode': one_of(*NEEDS), 'judge': one_of('http', 'hf'), 'device': one_of(*DEVICES), 'out': NOT_A_FOLDER,
-    'cache': NOT_A_FOLDER, 'timeout': (lambda v: v > 0, '> 0'), **dict.fromkeys(('retries', 'backoff'), NOT_NEGATIVE),
-    **dict.fromkeys(('bootstrap', 'concurrency', 'max_tokens', 'batch_size', 'max_length'), AT_LEAST_1),
-}
 
 
-def asks(cfg):  # an LLM judge answers (pairwise, criteria)
+def asks(cfg):  # LLM_JUDGE: an LLM judge answers (pairwise, criteria)
     return cfg['mode'] != 'reward'
-
-
-APPLIES = {  # setting: (does it act in this config, what it applies to); a changed setting that does not is refused
-    **dict.fromkeys(('a', 'b'), (lambda c: c['mode'] == 'pairwise', 'mode=pairwise')),
-    'files': (lambda c: c['mode'] != 'pairwise', 'mode=criteria and mode=reward'),
-    **dict.fromkeys(('template', 'judge', 'judge_model', 'max_tokens', 'cache'),
-                    (asks, 'mode=pairwise and mode=criteria (an LLM judge)')),
-    **dict.fromkeys(('base_url', 'api_key_env', 'timeout', 'retries', 'backoff', 'concurrency'),
-                    (lambda c: asks(c) and c['judge'] == 'http', 'an HTTP judge (judge=http, mode=pairwise or criteria)')),
-    **dict.fromkeys(('reward_models', 'max_length', 'max_prompt_length'), (lambda c: c['mode'] == 'reward',
-                                                                           'mode=reward')),
-    **dict.fromkeys(('batch_size', 'device'), (lambda c: c['mode'] == 'reward' or c['judge'] == 'hf',
-                                               'local models (mode=reward, judge=hf)')),
-}
 
 
 def parse_verdict(answer):
@@ -372,13 +372,10 @@ def check_config(cfg):
     """Every setting, the mode's inputs and its template, and that no output is an input, before any file is read or
     request sent. Returns the template's fill(**fields): each {field} replaced, other braces left as text
     (str.format would fail on them)."""
-    if not BASE_URL.fullmatch(cfg['base_url']):  # printed without what a user or query part may hold: a key
+    if not BASE_URL.fullmatch(cfg['base_url']):  # first, and printed without what a user or query part may hold
         raise SystemExit('error: base_url must be an http:// or https:// URL without user, query or fragment, got '
                          f"{redact_url(cfg['base_url'])!r}")
-    check_settings(cfg, VALID)
-    if not 0 < cfg['max_prompt_length'] < cfg['max_length']:
-        raise SystemExit('error: need 0 < max_prompt_length < max_length')
-    check_unused(cfg, defaults, APPLIES)
+    check_settings(cfg, globals())
     mode, missing = cfg['mode'], [k + '=' for k in NEEDS[cfg['mode']] if not cfg[k].strip(',')]
     if missing:
         raise SystemExit(f"error: mode={mode} needs {' and '.join(missing)} (sample files: sample.py's --out=; "
@@ -403,7 +400,8 @@ def check_config(cfg):
     return lambda **fields: re.sub(r'\{(\w+)\}', lambda m: fields[m[1]], template)
 
 
-def judge(cfg):
+def evaluate(cfg):
+    """The mode's results (printed, and with out= written), after every check."""
     fill = check_config(cfg)
     with lock_out(cfg):
         results, verdicts = {'pairwise': pairwise, 'criteria': criteria, 'reward': reward}[cfg['mode']](cfg, fill)
@@ -414,7 +412,7 @@ def judge(cfg):
 if __name__ == '__main__':
     config = parse_overrides(sys.argv[1:], defaults, __file__)
     try:
-        judge(config)
+        evaluate(config)
     except KeyboardInterrupt:  # Ctrl-C: one line at once; requests in flight end with the process
         kept = f"the answers received are kept in {config['cache']}: rerun the same command to continue from them" \
             if config['cache'] and asks(config) else 'nothing is kept'

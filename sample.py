@@ -44,40 +44,39 @@ from tqdm import tqdm
 
 from data.pairs import (check_model_path, check_vocabulary, derived_seed, fingerprint, fingerprinted_files, layout,
                         load_pairs, load_tokenizer, padding_id, read_jsonl)
-from data.settings import (AT_LEAST_1, DEVICES, NOT_NEGATIVE, OutputLock, check_outputs, check_settings, check_unused,
-                           one_of, parse_overrides)
+from data.settings import (DEVICE, NOT_A_FOLDER, OutputLock, check_outputs, check_settings, defaults_of, need, one_of,
+                           parse_overrides)
 from train_tr import load_model, sequence_logps, setup_distributed
 
-defaults = dict(
-    init_from='out',        # HF checkpoint directory (train_tr.py's out_dir) or hub name
-    ref='',                 # reference (usually the SFT model) for logp_ref and kl; '' = none
-    data='data/toy',        # any data source train_tr.py accepts
-    split='test',           # the split whose prompts are sampled (a HF dataset without test: validation)
-    num_prompts=0,          # the first this many usable prompts of the split; 0 = all
-    num_samples=1,          # completions per prompt
-    max_prompt_length=64,   # prompts are cut to this many tokens as in training (chat: oldest turns first)
-    max_new_tokens=64,      # a completion stops at EOS or after this many tokens
-    temperature=1.0,        # 0 = greedy
-    top_p=1.0,              # nucleus sampling: the smallest set of tokens with this much probability; 1 = all
-    batch_size=8,           # sequences per generate call (must stay the same when resuming)
-    seed=1337,              # with the batch number, the seed of each batch's samples
-    device='auto',          # auto | cpu | cuda
-    dtype='auto',           # compute dtype of the models: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
-    out='',                 # JSONL output path; '' prints the samples (one process only)
-)
-VALID = {  # setting: (test of its value, what it must be); checked before any model or file is read
-    **dict.fromkeys(('num_samples', 'max_prompt_length', 'max_new_tokens', 'batch_size'), AT_LEAST_1),
-    **dict.fromkeys(('num_prompts', 'temperature'), NOT_NEGATIVE),
-    'top_p': (lambda v: 0 < v <= 1, 'in (0, 1]'), 'device': one_of(*DEVICES),
-    'dtype': one_of('auto', 'float32', 'bfloat16'),
-    'out': (lambda v: not (v and Path(v).is_dir()), 'a file to write, not a folder'),
-}
-GREEDY = (lambda c: c['temperature'] > 0, 'sampling (temperature > 0; 0 is greedy decoding)')
-APPLIES = {'top_p': GREEDY, 'seed': GREEDY}  # settings that act only in some runs: a changed one that does not is refused
-# what a sample depends on, written on every line; resuming needs them unchanged (dtype: the compute dtype resolved). The fingerprints of the models' and
-# the data's files (data/pairs.py) tell a checkpoint retrained at the same path from the one sampled before.
-# num_samples and batch_size decide which prompts share a batch, and so its seed; num_prompts only adds batches or
-# leaves them out, so it may change.
+# -----------------------------------------------------------------------------
+# settings: a setting a line, `name: its check = default  # meaning` (data/settings.py), checked before any work; with
+# only=, another value than the default is refused where the setting does nothing
+SAMPLING = 'temperature > 0'                    # 0 decodes greedily: nothing random to seed, no distribution to cut
+init_from: str = 'out'                          # HF checkpoint directory (train_tr.py's out_dir) or hub name
+ref: str = ''                                   # reference (usually the SFT model) for logp_ref and kl; '' = none
+data: str = 'data/toy'                          # any data source train_tr.py accepts
+split: str = 'test'                             # the split whose prompts are sampled (a HF dataset without test:
+                                                # validation)
+num_prompts: need('num_prompts >= 0') = 0       # the first this many usable prompts of the split; 0 = all
+num_samples: need('num_samples >= 1') = 1       # completions per prompt
+max_prompt_length: need('max_prompt_length >= 1') = 64  # prompts are fit to this many tokens as in training (chat:
+                                                # whole old exchanges first)
+max_new_tokens: need('max_new_tokens >= 1') = 64  # a completion stops at EOS or after this many tokens
+temperature: need('temperature >= 0') = 1.0     # 0 = greedy
+top_p: need('0 < top_p <= 1', only=SAMPLING) = 1.0  # nucleus sampling: the smallest set of tokens with this much
+                                                # probability; 1 = all
+batch_size: need('batch_size >= 1') = 8         # sequences per generate call (must stay the same when resuming)
+seed: need('0 <= seed < 2**64', only=SAMPLING) = 1337  # with the batch number, the seed of each batch's samples
+device: DEVICE = 'auto'                         # auto | cpu | cuda
+dtype: one_of('auto', 'float32', 'bfloat16') = 'auto'  # compute dtype of the models: auto (bfloat16 on CUDA, else
+                                                # float32) | float32 | bfloat16
+out: NOT_A_FOLDER = ''                          # JSONL output path; '' prints the samples (one process only)
+defaults = defaults_of(globals())
+
+# what a sample depends on, written on every line; resuming needs them unchanged (dtype: the compute dtype resolved).
+# The fingerprints of the models' and the data's files (data/pairs.py) tell a checkpoint retrained at the same path
+# from the one sampled before. num_samples and batch_size decide which prompts share a batch, and so its seed;
+# num_prompts only adds batches or leaves them out, so it may change.
 SETTINGS = ('model', 'ref', 'data', 'split', 'num_samples', 'max_prompt_length', 'max_new_tokens', 'temperature',
             'top_p', 'seed', 'batch_size', 'dtype', 'model_fingerprint', 'ref_fingerprint', 'data_fingerprint')
 
@@ -127,8 +126,7 @@ def check_resumable(path, rows, settings):
 
 
 def sample(cfg):
-    check_settings(cfg, VALID)
-    check_unused(cfg, defaults, APPLIES)
+    check_settings(cfg, globals())
     rank, world, device = setup_distributed(cfg['device'])
     if not cfg['out'] and world > 1:
         raise SystemExit('error: torchrun needs out= (each rank writes a part file)')

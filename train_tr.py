@@ -62,64 +62,77 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data.pairs import (RUN_STATE, check_model_path, fingerprint, layout, load_pairs, load_tokenizer,
+from data.pairs import (RUN_STATE, check_model_path, check_vocabulary, fingerprint, layout, load_pairs, load_tokenizer,
                         make_batch, note_evaluation, padding_id, read_jsonl, sha256, step_pair_indices, truncate)
-from data.settings import check_settings, one_of, parse_overrides
+from data.settings import (DEVICE, PROMPT_FITS, RESUMABLE, check_settings, declared, defaults_of, need, one_of,
+                           parse_overrides)
 
 # -----------------------------------------------------------------------------
-# config: defaults run TR-DPO on the toy that data/toy ships; the comments give the papers' values
+# config: a setting a line, `name: its check = default  # meaning`, overridden by config files and --key=value. Each
+# is checked before any work (data/settings.py): need(condition) must hold; with only=, another value than the default
+# is refused where the setting would do nothing; resumable (RESUMABLE): a resumed run may change it. The defaults run
+# TR-DPO on the toy that data/toy ships; the comments give the papers' values.
+REFERENCE = "loss not in ('sft', 'rm')"                 # the losses that compare the policy with a reference
 # I/O
-out_dir = 'out'                 # the run's folder: HF checkpoint, state.pt, metrics.jsonl
-init_from = 'data/toy/sft'      # policy: HF hub name or local HF directory (usually the SFT model)
-ref_from = ''                   # reference at step 0: '' = same weights as init_from
-resume = False                  # continue the run saved in out_dir (weights, reference, optimizer, data position)
-eval_interval = 25              # evaluate and save a checkpoint every this many iterations (and at the end)
-eval_pairs = 200                # at most this many held-out pairs per evaluation
-log_interval = 5                # write a metrics.jsonl line every this many iterations
-snapshots = False               # also keep the HF model of every evaluation in out_dir/iter_N (curves over training)
-wandb_log = False               # also log to Weights & Biases (needs `pip install wandb`)
-wandb_project = 'nanotr'        # wandb: the project to log to
-wandb_run_name = ''             # wandb: the run's name; '' = wandb chooses
+out_dir: need('out_dir.strip()', resumable=True, why='names no folder') = 'out'
+                                                        # the run's folder: HF model, resume state, metrics.jsonl
+init_from: str = 'data/toy/sft'                         # the policy: HF hub name or HF folder (usually the SFT model)
+ref_from: need('not (ref_from and lora_rank)', only=REFERENCE, why='needs lora_rank=0') = ''
+                                                        # the reference at step 0 (full fine-tuning); '' = init_from
+resume: RESUMABLE = False                               # continue the run saved in out_dir
+eval_interval: need('eval_interval >= 1', resumable=True) = 25
+                                                        # evaluate and save a checkpoint every this many iterations
+eval_pairs: need('eval_pairs >= 0', resumable=True) = 200  # at most this many held-out pairs per evaluation
+log_interval: need('log_interval >= 1', resumable=True) = 5  # a metrics.jsonl line every this many iterations
+snapshots: RESUMABLE = False                            # also keep each evaluation's HF model in out_dir/iter_N
+wandb_log: need("not wandb_log or importable('wandb')", resumable=True, why='needs `pip install wandb`') = False
+                                                        # also log to W&B
+wandb_project: need(only='wandb_log', resumable=True) = 'nanotr'  # wandb: the project to log to
+wandb_run_name: need(only='wandb_log', resumable=True) = ''  # wandb: the run's name; '' = wandb chooses
 # data
-data = 'data/toy'               # .jsonl/.json/.parquet file, a folder with train.* and test.*, or a HF dataset name
-max_length = 128                # prompt + response tokens
-max_prompt_length = 64          # the prompt keeps its last this many tokens when a pair is too long
+data: str = 'data/toy'                                  # a .jsonl/.json/.parquet file, a folder of train.* and test.*,
+                                                        # or a HF dataset name
+max_length: need('max_length >= 1') = 128               # prompt + response tokens
+max_prompt_length: PROMPT_FITS = 64                     # a too-long pair keeps the last this many prompt tokens
 # loss
-loss = 'dpo'                    # sft | rm | dpo | ipo | kto | distill | edistill | pdpo
-beta = 0.1                      # KL strength β (TR-DPO paper: 0.05 on HH and TL;DR)
-label_smoothing = 0.0           # dpo: assumed label-noise rate ε (cDPO); 0 = DPO
-ipo_normalize = True            # ipo: per-token averaged log-ratios (TRL); False = summed
-kto_desirable_weight = 1.0      # kto: λ_D
-kto_undesirable_weight = 1.0    # kto: λ_U
-rm_center_coef = 0.0            # rm: weight c of the reward-centring term c·(r_w + r_l)² (TRL suggests 0.01)
-distill_reduce = 'first'        # distill: target margin of the first reward model, or 'mean' over the ensemble
-edistill_min = 'batch'          # edistill: min over reward models of the global micro-batch mean (the paper's min of
-                                #   the whole loss), or 'example': per pair (README: e-DPO)
-pessimism_gamma = 0.1           # edistill, pdpo: γ, weight of the KL(π_ref‖π_θ) term (ours; the paper tunes it)
+loss: one_of('sft', 'rm', 'dpo', 'ipo', 'kto', 'distill', 'edistill', 'pdpo') = 'dpo'  # LOSSES below
+beta: need('beta > 0', only=REFERENCE) = 0.1            # KL strength β (TR-DPO paper: 0.05 on HH and TL;DR)
+label_smoothing: need('0 <= label_smoothing < 0.5', only="loss in ('dpo', 'pdpo')") = 0.0
+                                                        # the assumed label-noise rate ε (cDPO); 0 = DPO
+ipo_normalize: need(only="loss == 'ipo'") = True        # per-token averaged log-ratios (TRL); False = summed
+kto_desirable_weight: need('kto_desirable_weight >= 0', only="loss == 'kto'") = 1.0  # λ_D
+kto_undesirable_weight: need('kto_undesirable_weight >= 0', only="loss == 'kto'") = 1.0  # λ_U
+rm_center_coef: need('rm_center_coef >= 0', only="loss == 'rm'") = 0.0
+                                                        # c of the centring term c·(r_w + r_l)² (TRL: 0.01)
+distill_reduce: one_of('first', 'mean', only="loss == 'distill'") = 'first'
+                                                        # the target: the first reward model's margin, or the mean
+edistill_min: one_of('batch', 'example', only="loss == 'edistill'") = 'batch'
+                                                        # min over reward models of the step's loss, or of each pair's
+pessimism_gamma: need('pessimism_gamma >= 0', only="loss in ('edistill', 'pdpo')") = 0.1
+                                                        # γ, weight of the KL(π_ref‖π_θ) term (ours to tune)
 # trust region
-ref_update = 'soft'             # none | soft | hard
-tr_alpha = 0.1                  # soft: weight of the policy in the mix (paper: 0.6; the 300-step toy run: 0.1)
-tr_tau = 25                     # update every this many optimizer steps; 1 = every step (paper, hard update: 512)
+ref_update: one_of('none', 'soft', 'hard', only=REFERENCE) = 'soft'  # how the reference moves
+tr_alpha: need('0 <= tr_alpha <= 1', only="ref_update == 'soft'") = 0.1
+                                                        # the policy's weight in the soft mix (paper: 0.6)
+tr_tau: need('tr_tau >= 1', only="ref_update != 'none'") = 25  # update every this many steps (paper, hard update: 512)
 # LoRA
-lora_rank = 0                   # rank R of the adapters on every Linear of the decoder blocks; 0 = full fine-tuning
-lora_alpha = 16.0               # the adapters' output is scaled by lora_alpha/R (PEFT's lora_alpha)
+lora_rank: need('lora_rank >= 0') = 0                   # rank R of adapters on decoder Linears; 0 = full fine-tuning
+lora_alpha: need('lora_alpha > 0', only='lora_rank') = 16.0  # the adapters' output is scaled by lora_alpha/R (PEFT's)
 # optimization
-batch_size = 16                 # preference pairs per optimizer step, over all processes
-grad_accum = 1                  # micro-steps per optimizer step (each process takes batch_size/world/grad_accum pairs)
-lr = 2e-4                       # AdamW peak learning rate (paper: 1e-6 for Pythia 2.8B)
-weight_decay = 0.0              # AdamW weight decay
-warmup_iters = 5                # linear warm-up, then constant (as in the DPO repository)
-max_iters = 300                 # optimizer steps
-grad_clip = 2.0                 # max gradient norm (paper: 2); 0 disables
+batch_size: need("batch_size >= (2 if loss == 'kto' else 1)") = 16  # pairs per optimizer step, over all processes
+grad_accum: need('grad_accum >= 1', resumable=True) = 1  # micro-steps per optimizer step
+lr: need('lr >= 0') = 2e-4                              # AdamW peak learning rate (paper: 1e-6 for Pythia 2.8B)
+weight_decay: need('weight_decay >= 0') = 0.0           # AdamW weight decay
+warmup_iters: need('warmup_iters >= 0') = 5             # linear warm-up, then constant (as the DPO repository)
+max_iters: need('max_iters >= 1', resumable=True) = 300  # optimizer steps
+grad_clip: need('grad_clip >= 0') = 2.0                 # max gradient norm (paper: 2); 0 disables
 # system
-device = 'auto'                 # auto | cpu | cuda
-dtype = 'auto'                  # compute dtype: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
-grad_checkpoint = False         # activation checkpointing of each decoder layer
-peak_flops = 989e12             # per-device peak for MFU (H100 dense bf16)
-seed = 1337                     # data order and the reward model's score-head initialization
-CONFIG_KEYS = [k for k, v in list(globals().items())
-               if not k.startswith('_') and isinstance(v, (bool, int, float, str))]
-DEVICES = ('auto', 'cpu', 'cuda')
+device: DEVICE = 'auto'                                 # auto | cpu | cuda
+dtype: one_of('auto', 'float32', 'bfloat16', resumable=True) = 'auto'
+                                                        # compute dtype; auto: bfloat16 on CUDA, else float32
+grad_checkpoint: RESUMABLE = False                      # activation checkpointing of each decoder layer
+peak_flops: need('peak_flops > 0', resumable=True) = 989e12  # per-device peak for MFU (H100 dense bf16)
+seed: need('0 <= seed < 2**64') = 1337                  # data order, and a reward model's or LoRA's initialization
 
 
 # -----------------------------------------------------------------------------
@@ -127,9 +140,10 @@ DEVICES = ('auto', 'cpu', 'cuda')
 # the LOSSES table says what each one reads, and batch_loss computes exactly that
 # Terms: per-pair values of a micro-batch, [n] for n pairs. The policy's summed log-probs of the chosen and rejected
 # responses (a reward model: its rewards r(x, y); sft: chosen only), their log-ratios ρ = logπ_θ − logπ_ref, the
-# responses' token counts, the reward models' margins Δr_i [n, k] of labelled pairs, and KTO's baseline z.
+# responses' token counts, the reward models' margins Δr_i [n, k] of labelled pairs, and two values of the whole
+# optimizer step: KTO's baseline z, and e-DPO's reward model i (edistill_min=batch).
 Terms = namedtuple('Terms', 'chosen rejected rho_chosen rho_rejected chosen_tokens rejected_tokens reward_margins '
-                   'kto_z', defaults=(None,) * 7)
+                   'kto_z member', defaults=(None,) * 8)
 
 
 def forward_kl(x):
@@ -175,14 +189,10 @@ def edistill_loss(x, cfg):
     """e-DPO keeps, of the k reward models, the one closest to the policy: the policy need only agree with one
     plausible reward model of the family, and γ·KL pulls it toward π_ref, so it moves only as far as the most
     conservative member allows (the pessimism; our reading of the paper, see README). 'batch' takes the minimum of
-    the whole (micro-batch) loss, one member for all pairs as in the paper; 'example' a member per pair."""
+    the whole loss, one member i for all pairs of the optimizer step as in the paper (x.member: closest_member);
+    'example' a member per pair."""
     errors = (cfg['beta'] * (x.rho_chosen - x.rho_rejected)[:, None] - x.reward_margins) ** 2
-    if cfg['edistill_min'] == 'example':
-        closest = errors.min(-1).values
-    else:  # 'batch': min_i of the mean error over the global micro-batch; the argmin is picked without gradient
-        totals = errors.detach().sum(0)
-        dist.all_reduce(totals)
-        closest = errors[:, totals.argmin()]
+    closest = errors.min(-1).values if cfg['edistill_min'] == 'example' else errors[:, x.member]
     return closest + cfg['pessimism_gamma'] * forward_kl(x)
 
 
@@ -234,6 +244,26 @@ def kto_baseline(policy, ref, pairs, micro_size, pad_id, cfg, device):
     return (total[0] / total[1]).clamp(min=0)
 
 
+def closest_member(margins, reward_margins):
+    """e-DPO's reward model for a whole batch: argmin_i Σ (m − Δr_i)² over the pairs of every rank, the margins m of
+    the policy given (no gradient flows through the choice)."""
+    totals = ((margins[:, None] - reward_margins) ** 2).sum(0)
+    dist.all_reduce(totals)
+    return totals.argmin()
+
+
+def edistill_member(policy, ref, batches, cfg):
+    """closest_member of an optimizer step's global batch, from forwards without gradient of this rank's
+    micro-batches (as KTO's z), so that neither the split over ranks nor grad_accum changes the objective; None
+    unless the loss is edistill with edistill_min=batch. Costs a policy and a reference forward per micro-batch."""
+    if cfg['loss'] != 'edistill' or cfg['edistill_min'] != 'batch':
+        return None
+    with torch.no_grad():
+        margins = [cfg['beta'] * torch.sub(*chosen_rejected(sequence_logps(policy, b)[0] - sequence_logps(ref, b)[0]))
+                   for b in batches]
+    return closest_member(torch.cat(margins), torch.cat([b['reward_margins'] for b in batches]))
+
+
 def loss_denominator(batch, loss_name):
     """What the loss of a batch averages over: response tokens for sft, pairs (rows) otherwise."""
     if not LOSSES[loss_name].pairs:
@@ -241,9 +271,10 @@ def loss_denominator(batch, loss_name):
     return torch.tensor(float(len(batch['input_ids'])), device=batch['input_ids'].device)
 
 
-def batch_loss(policy, ref, batch, cfg, kto_z=None):
+def batch_loss(policy, ref, batch, cfg, kto_z=None, member=None):
     """(Σ of per-pair losses, or Σ token NLL for sft; dict of per-pair metric values) for one micro-batch: the Terms
-    that LOSSES says the loss reads, then its function; kto_z is KTO's baseline for the step (kto_baseline)."""
+    that LOSSES says the loss reads, then its function; kto_z and member are the step's KTO baseline (kto_baseline)
+    and e-DPO reward model (edistill_member)."""
     spec = LOSSES[cfg['loss']]
     if spec.reference:
         with torch.no_grad():  # first: its temporaries are gone before the policy's activations are kept for backward
@@ -251,7 +282,7 @@ def batch_loss(policy, ref, batch, cfg, kto_z=None):
     outputs, tokens = (sequence_rewards(policy, batch), batch['lengths']) if spec.rm else sequence_logps(policy, batch)
     rho = chosen_rejected(outputs - ref_logps) if spec.reference else (None, None)
     x = Terms(*chosen_rejected(outputs, spec.pairs), *rho, *chosen_rejected(tokens, spec.pairs),
-              batch.get('reward_margins'), kto_z)
+              batch.get('reward_margins'), kto_z, member)
     return spec.fn(x, cfg).sum(), loss_metrics(x, spec, cfg)
 
 
@@ -356,6 +387,7 @@ def train(cfg):
         mine = step_pairs[rank::world]
         batches = [make_batch(mine[m * micro_size:(m + 1) * micro_size], spec.pairs, pad_id, device)
                    for m in range(cfg['grad_accum'])]
+        member = edistill_member(policy, ref, batches, cfg)
         # The objective is a mean over the global batch (of pairs, or of response tokens for sft). FSDP averages
         # gradients over ranks, so each rank scales its sum by world/denominator.
         denominator = sum(loss_denominator(b, cfg['loss']) for b in batches)
@@ -364,7 +396,7 @@ def train(cfg):
         for m, batch in enumerate(batches):
             if isinstance(policy, FSDPModule):  # reduce gradients once, after the last micro-step
                 policy.set_requires_gradient_sync(m == len(batches) - 1)
-            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z)
+            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z, member)
             (loss_sum * world / denominator).backward()
             metrics = {'loss': loss_sum.detach() / denominator, 'tokens': batch['n_tokens'],
                        **{k: v.sum() / cfg['batch_size'] for k, v in metrics.items()}}
@@ -400,38 +432,16 @@ def train(cfg):
 
 # =============================================================================
 # plumbing: the settings' checks, processes and devices, models, checkpoints and logs
-AT_LEAST_1, NOT_NEGATIVE = (lambda v: v >= 1, '>= 1'), (lambda v: v >= 0, '>= 0')
-VALID = {  # setting: (test of its value, what it must be); checked before out_dir or any model is touched
-    'loss': one_of(*LOSSES), 'ref_update': one_of('none', 'soft', 'hard'), 'device': one_of(*DEVICES),
-    'dtype': one_of('auto', 'float32', 'bfloat16'), 'distill_reduce': one_of('first', 'mean'),
-    'edistill_min': one_of('example', 'batch'),
-    'tr_alpha': (lambda v: 0 <= v <= 1, 'in [0, 1]'), 'label_smoothing': (lambda v: 0 <= v < 0.5, 'in [0, 0.5)'),
-    'beta': (lambda v: v > 0, '> 0'), 'peak_flops': (lambda v: v > 0, '> 0'), 'lora_alpha': (lambda v: v > 0, '> 0'),
-    **dict.fromkeys(('tr_tau', 'batch_size', 'grad_accum', 'max_iters', 'eval_interval', 'log_interval'), AT_LEAST_1),
-    # a negative clip flips the gradient, a negative warm-up gives a negative (at -1 an undefined) learning rate
-    **dict.fromkeys(('eval_pairs', 'grad_clip', 'warmup_iters', 'lr', 'weight_decay', 'pessimism_gamma', 'lora_rank',
-                     'rm_center_coef', 'kto_desirable_weight', 'kto_undesirable_weight'), NOT_NEGATIVE),
-}
-
-
 def get_config(argv):
-    """The training config: the module-level defaults above with argv applied, checked."""
-    cfg = parse_overrides(argv, {k: globals()[k] for k in CONFIG_KEYS}, __file__)
-    check_settings(cfg, VALID)
-    if not 0 < cfg['max_prompt_length'] < cfg['max_length']:
-        raise SystemExit('error: need 0 < max_prompt_length < max_length')
-    if LOSSES[cfg['loss']].mismatched and cfg['batch_size'] < 2:
-        raise SystemExit('error: kto needs batch_size >= 2 (its mismatched pairs)')
-    if cfg['lora_rank'] and cfg['ref_from']:
-        raise SystemExit("error: ref_from needs lora_rank=0: a LoRA run's reference is adapters on the policy's base")
+    """The training config: the settings above with argv applied, each checked by its rule."""
+    cfg = parse_overrides(argv, defaults_of(globals()), __file__)
+    check_settings(cfg, globals())
     return cfg
 
 
 # -----------------------------------------------------------------------------
 # setup: one process is a world of one, so the same FSDP code path runs with `python` and with `torchrun`
 def resolve_device(name):
-    if name not in DEVICES:
-        raise SystemExit(f'error: device must be one of {DEVICES}, got {name!r}')
     if name == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f'error: device=cuda, but this torch ({torch.__version__}) sees no CUDA device (a CPU-only '
                          'build, or no GPU visible); use device=cpu or device=auto')
@@ -673,7 +683,9 @@ def split_lora_state(state, lora_config):
 
 
 def write_adapter(folder, adapters, lora_config):
-    """The policy's adapters as PEFT saves them, which peft.PeftModel.from_pretrained(base, folder) loads."""
+    """The policy's adapters as PEFT saves them, which peft.PeftModel.from_pretrained(base, folder) loads. They trained
+    on the base in the compute dtype: after dtype=bfloat16, load the base in bf16 (and .float() it for the merged
+    model's float32 logits); a float32 base is another model, unrounded, whose logits differ by the rounding."""
     from safetensors.torch import save_file
     folder.mkdir()
     (folder / 'adapter_config.json').write_text(json.dumps(lora_config, indent=2))
@@ -705,11 +717,9 @@ def memory_estimate(policy, ref, world):
 
 # -----------------------------------------------------------------------------
 # checkpoints: out_dir holds an HF model (from_pretrained loads it) plus state.pt, everything resume needs
-# settings a resumed run may change: how far it goes, what it logs, and where and how it computes. Every other
-# setting defines the run (batch_size also which pairs each step reads), and resume refuses to change it.
-RESUMABLE = ('out_dir', 'resume', 'max_iters', 'eval_interval', 'eval_pairs', 'log_interval', 'snapshots',
-             'wandb_log', 'wandb_project', 'wandb_run_name', 'grad_accum', 'device', 'dtype', 'grad_checkpoint',
-             'peak_flops')
+# a resumed run may change the resumable settings (how far it goes, what it logs, where and how it computes); every
+# other setting defines the run (batch_size also which pairs each step reads), and resume refuses to change it
+RESUMABLE = [name for name, (_, rule) in declared(globals()).items() if rule.resumable]
 
 
 def lock_out_dir(out_dir):
@@ -884,18 +894,20 @@ def peak_memory_gb(device):  # CPU: the peak RSS, which Linux reports in KiB
 
 
 def evaluate(policy, ref, pairs, pad_id, cfg, rank, world, micro_size, device):
-    """Mean metrics over the first eval_pairs held-out pairs (a whole number of global micro-batches); KTO's z is
-    one value from all of them."""
+    """Mean metrics over the first eval_pairs held-out pairs (a whole number of global micro-batches); KTO's z and
+    e-DPO's reward model are each one value from all of them."""
     n = min(len(pairs), cfg['eval_pairs']) // (world * micro_size) * world * micro_size
     if n == 0:
         return {}
     mismatched = LOSSES[cfg['loss']].mismatched
     kto_z = kto_baseline(policy, ref, pairs[:n], micro_size, pad_id, cfg, device) if mismatched else None
+    batches = [make_batch(pairs[start:start + micro_size], LOSSES[cfg['loss']].pairs, pad_id, device)
+               for start in range(rank * micro_size, n, world * micro_size)]
+    member = edistill_member(policy, ref, batches, cfg)
     sums = {}
     with torch.no_grad():
-        for start in range(rank * micro_size, n, world * micro_size):
-            batch = make_batch(pairs[start:start + micro_size], LOSSES[cfg['loss']].pairs, pad_id, device)
-            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z)
+        for batch in batches:
+            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z, member)
             metrics.update(loss=loss_sum, denominator=loss_denominator(batch, cfg['loss']))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.sum()
@@ -931,13 +943,11 @@ def micro_batch_size(cfg, world):  # pairs per micro-batch of each process
 def load_data(cfg, master, global_micro):
     """(tokenizer, train Pairs, held-out Pairs or None), with the responses and labels that the loss reads."""
     from transformers import AutoConfig
-    for key in ('init_from', 'ref_from'):
-        if cfg[key]:  # ref_from='' is a copy of init_from
-            check_model_path(cfg[key], key)
+    for key in ('init_from', 'ref_from'):  # ref_from='' is a copy of init_from; rm trains a new or a given reward model
+        if cfg[key]:
+            check_model_path(cfg[key], key, reward_model=None if LOSSES[cfg['loss']].rm else False)
     tokenizer = load_tokenizer(cfg['init_from'], 'init_from')
-    if cfg['ref_from'] and load_tokenizer(cfg['ref_from'], 'ref_from').get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"error: ref_from={cfg['ref_from']} has another vocabulary than init_from: log-ratios of the "
-                         'same token ids would compare different text')
+    check_vocabulary(tokenizer, cfg['ref_from'], 'ref_from')
     limit = getattr(AutoConfig.from_pretrained(cfg['init_from']), 'max_position_embeddings', None) or math.inf
     if cfg['max_length'] > limit:
         raise SystemExit(f"error: max_length={cfg['max_length']} is over the {limit} positions of {cfg['init_from']}")
@@ -1011,8 +1021,8 @@ def open_log(cfg, out_dir, resume_iter, master):
     return log
 
 
-if __name__ == '__main__':
-    config = get_config(sys.argv[1:])
+def main(argv):
+    config = get_config(argv)
     try:
         train(config)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; a save in progress is finished by the next start
@@ -1020,3 +1030,10 @@ if __name__ == '__main__':
         last = f"iteration {json.loads(manifest.read_text())['iter']}" if manifest.is_file() else 'none yet'
         raise SystemExit(f"error: interrupted; the last checkpoint in {config['out_dir']}: {last} (--resume=True "
                          'continues from it)')
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except SystemExit as e:  # under torchrun every rank stops at a refusal, and rank 0 alone says why
+        raise SystemExit(1 if e.code and os.environ.get('RANK', '0') != '0' else e.code) from None

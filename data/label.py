@@ -25,28 +25,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: runs from any folder
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 from data.pairs import (check_model_path, end_of_turn, fingerprint, fingerprinted_files, fit_row,  # noqa: E402
                         jsonl_lines, layout, load_tokenizer, read_rows, read_text)
-from data.settings import (AT_LEAST_1, DEVICES, OutputLock, check_outputs, check_settings, one_of,  # noqa: E402
-                           parse_overrides)
+from data.settings import (DEVICE, PROMPT_FITS, OutputLock, check_outputs, check_settings, defaults_of,  # noqa: E402
+                           need, parse_overrides)
 from train_tr import load_model, resolve_device, sequence_rewards  # noqa: E402
 
-defaults = dict(
-    reward_models='',       # comma-separated HF reward models (sequence classifiers with one output)
-    data='data/toy',        # every split (train, test) of this train_tr.py data source
-    out='',                 # the folder for <split>.jsonl
-    batch_size=16,          # pairs per forward pass (the numbers depend slightly on it: a resume keeps it)
-    max_length=128, max_prompt_length=64,  # tokens of prompt + response, and of the prompt, truncated as in training
-    device='auto',          # auto | cpu | cuda
-)
-VALID = {  # setting: (test of its value, what it must be); checked before any model or file is read
-    'device': one_of(*DEVICES), 'batch_size': AT_LEAST_1, 'max_length': AT_LEAST_1,
-    'out': (lambda v: v and not Path(v).is_file(), 'a folder (for train.jsonl and test.jsonl), not a file'),
-    'reward_models': (lambda v: any(v.split(',')), 'one or more reward models, comma-separated'),
-    'data': (lambda v: bool(v), 'a data source (a file, a folder, a HF dataset name)'),
-}
+# settings: a setting a line, `name: its check = default  # meaning` (data/settings.py), checked before any model or
+# file is read
+reward_models: need("any(reward_models.split(','))", why='needs one or more reward models, comma-separated') = ''
+                                                # comma-separated HF reward models (sequence classifiers, one output)
+data: need('data', why='needs a data source (a file, a folder, a HF dataset name)') = 'data/toy'
+                                                # every split (train, test) of this train_tr.py data source
+out: need('out and not Path(out).is_file()', why='needs a folder (for train.jsonl and test.jsonl), not a file') = ''
+                                                # the folder for <split>.jsonl
+batch_size: need('batch_size >= 1') = 16        # pairs per forward pass (the numbers depend slightly on it: a resume
+                                                # keeps it)
+max_length: need('max_length >= 1') = 128       # tokens of prompt + response, truncated as in training
+max_prompt_length: PROMPT_FITS = 64             # tokens of the prompt, truncated as in training
+device: DEVICE = 'auto'                         # auto | cpu | cuda
+defaults = defaults_of(globals())
 SETTINGS = ('max_length', 'max_prompt_length', 'batch_size')  # recorded on every row: a resume needs them unchanged
 # how a pair is scored, recorded on every row: labels made otherwise (each response truncated alone after the first
 # reward model's rendering, before) are not continued
@@ -103,11 +102,9 @@ def rewards(models, examples, cfg):
 
 def check_config(cfg):
     """Every setting, and that out is none of the inputs, before any model or file is read."""
-    check_settings(cfg, VALID)
-    if not 0 < cfg['max_prompt_length'] < cfg['max_length']:
-        raise SystemExit('error: need 0 < max_prompt_length < max_length')
+    check_settings(cfg, globals())
     # a data folder and its data files, each reward model's folder (its fingerprint covers its files)
-    data = [cfg['data'], *fingerprinted_files(cfg['data'], splits=True)] if Path(cfg['data']).is_dir() else [cfg['data']]
+    data = [cfg['data'], *(fingerprinted_files(cfg['data'], splits=True) if Path(cfg['data']).is_dir() else [])]
     check_outputs([('out', str(Path(cfg['out']) / f'{split}.jsonl')) for split in SPLITS],
                   [('data', str(path)) for path in data] + [('reward_models', m) for m in reward_model_names(cfg)])
 

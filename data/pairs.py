@@ -95,6 +95,8 @@ def read_rows(source, split):
             ignored = f' ({", ".join(f.name for f in found)} not read: the name must end in .jsonl, .json or .parquet)'
             return None, f'no {split}.jsonl, {split}.json or {split}.parquet in {path}' + (ignored if found else '')
         path = files[0]
+        if not path.is_file():  # a link to nothing: found by its name, unreadable
+            raise SystemExit(f'error: {path} is a broken link (to {path.readlink()}) or not a file')
     elif path.is_file():
         if path.suffix.lower() not in DATA_SUFFIXES:
             raise SystemExit(f'error: {path}: a data file must end in .jsonl (one JSON object per line), .json or '
@@ -403,7 +405,8 @@ def reward_margins(row, name, index, k):
 def load_pairs(source, split, tokenizer, max_length, max_prompt_length, need_rejected=True, verbose=True,
                required=True, need_rewards=False, texts=False):
     """The split's usable rows tokenized once, as Pairs (with texts=True, (prompt, prompt_text, Pair) tuples: the prompt
-    kept, a chat prompt without the exchanges it dropped, and its text); bad rows are skipped and counted. A missing split is an error, or None when not required (the held-out split)."""
+    kept, a chat prompt without the exchanges it dropped, and its text); bad rows are skipped and counted. A missing
+    split is an error, or None when not required (the held-out split)."""
     rows, name = read_rows(source, split)
     if rows is None:
         if required:

@@ -1,19 +1,78 @@
 """
-The command line of every script (train_tr.py, sample.py, judge.py, data/label.py, ...): module-level defaults or a
-`defaults = dict(...)`, each with a comment on its line, overridden by config files and --key=value arguments, listed by
---help, and checked against a table of valid values before any work starts; and the rules of every script's outputs:
-none is one of its inputs, and one run at a time writes it (a lock).
+The command line of every script (train_tr.py, sample.py, judge.py, data/label.py, ...). A script's settings are its
+annotated module-level globals, one line each, the way nanoGPT's config block reads:
+
+    beta: need('beta > 0') = 0.1              # KL strength β
+
+the name, its check (need below; a plain `str` or `bool` annotation checks nothing), the default and, after `#`, what
+it means (--help prints that comment and any comment lines right below it). Config files and --key=value arguments
+override the defaults, and every value is checked before any work starts. And the rules of every script's outputs:
+none is one of its inputs (check_outputs), and one run at a time writes it (OutputLock).
 """
 import ast
 import difflib
 import fcntl
+import importlib.util
 import math
 import os
 import re
+from collections import namedtuple
 from pathlib import Path
 
-AT_LEAST_1, NOT_NEGATIVE = (lambda v: v >= 1, '>= 1'), (lambda v: v >= 0, '>= 0')
-DEVICES = ('auto', 'cpu', 'cuda')
+# A setting's check. condition: a Python expression over the settings (their names are variables; the script's
+# globals are visible) that every value must satisfy. only: an expression under which the setting does anything at
+# all; another value than the default is refused where it is false, since it would be silently ignored. resumable:
+# train_tr.py --resume=True may change it. why: the error's wording, when the condition itself would not say it.
+Rule = namedtuple('Rule', 'condition only resumable why')
+
+
+def need(condition='True', only=None, resumable=False, why=None):
+    return Rule(condition, only, resumable, why)
+
+
+def one_of(*options, **kwargs):  # a setting that takes one of a few names ({name}: the setting, bound by `declared`)
+    return need(f'{{name}} in {options!r}', **kwargs)
+
+
+# checks that several scripts share
+RESUMABLE = need(resumable=True)
+DEVICE = one_of('auto', 'cpu', 'cuda', resumable=True)  # where a run computes: a resume may move it
+PROMPT_FITS = need('0 < max_prompt_length < max_length')  # the prompt keeps its last tokens, the response the rest
+NOT_A_FOLDER = need("not ({name} and Path({name}).is_dir())", why='is a folder; give a file path')
+
+
+def importable(module):
+    return importlib.util.find_spec(module) is not None
+
+
+def declared(namespace):
+    """{name: (default, Rule)} of a script's settings: its annotated globals, in the order they are written."""
+    settings = {}
+    for name, note in namespace['__annotations__'].items():
+        note = note if isinstance(note, Rule) else need()
+        settings[name] = namespace[name], note._replace(condition=note.condition.replace('{name}', name),
+                                                          only=note.only and note.only.replace('{name}', name))
+    return settings
+
+
+def defaults_of(namespace):
+    return {name: default for name, (default, _) in declared(namespace).items()}
+
+
+def check_settings(cfg, namespace):
+    """Stops in one line on a setting outside its rule, or set to something other than its default where it does
+    nothing (its rule's `only`). The rules are evaluated with the script's globals and the settings as variables."""
+    scope = {'Path': Path, 'importable': importable, **namespace}
+    for key, (default, note) in declared(namespace).items():
+        value = cfg[key]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f'error: {key} must be finite, got {value}')
+        if not eval(note.condition, scope, dict(cfg)):
+            raise SystemExit(f'error: {key}={value!r}: {note.why or "need " + note.condition}')
+    for key, (default, note) in declared(namespace).items():
+        if note.only and cfg[key] != default and not eval(note.only, scope, dict(cfg)):
+            raise SystemExit(f'error: {key}={cfg[key]!r} does nothing unless {note.only}; leave it at its default '
+                             f'({default!r})')
 
 
 def parse_overrides(argv, defaults, source):
@@ -60,42 +119,27 @@ def parse_overrides(argv, defaults, source):
 
 def settings_help(source, defaults):
     """--help: the first paragraph of the script's docstring, then each setting with its default as written in
-    `source` and the comment on its line there (the one place a setting is described)."""
-    docstring, _, code = Path(source).read_text().partition('"""')[2].partition('"""')
-    written = {}  # setting -> (its default as written, the comment of its line)
-    for line in code.split('\n'):
+    `source` and its comment there (the comment of its line, and comment lines right below it)."""
+    text = Path(source).read_text()
+    lines, written = text.split('\n'), {}
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in defaults:
+            comment = [lines[node.end_lineno - 1].partition('  #')[2]]
+            for line in lines[node.end_lineno:]:  # indented comment lines go on (a section's header starts a line)
+                if not re.match(r'\s+#', line):
+                    break
+                comment.append(line.strip()[1:])
+            written[node.target.id] = ast.get_source_segment(text, node.value), ' '.join(c.strip() for c in comment if c)
+    for line in lines:  # scripts whose settings are still `defaults = dict(key=value,  # comment` lines
         settings, _, comment = line.partition('  #')
         for key, value in re.findall(r"(\w+)\s*=\s*('[^']*'|[^,\s]+)", settings if comment else ''):
             written.setdefault(key, (value, comment.strip()))
-    shown = {k: (v or "''") if isinstance(v, str) else written.get(k, (repr(v),))[0] for k, v in defaults.items()}
-    rows = [(f'--{k}={shown[k]}', written.get(k, ('', ''))[1]) for k in defaults]
+    shown = {k: (v or "''") if isinstance(v, str) else written[k][0] for k, v in defaults.items()}  # text as typed
+    rows = [(f'--{k}={shown[k]}', written[k][1]) for k in defaults]
     width = max(len(flag) for flag, _ in rows)
-    return '\n'.join([docstring.strip().split('\n\n')[0], '',
+    return '\n'.join([ast.get_docstring(ast.parse(text)).strip().split('\n\n')[0], '',
                       f'usage: python {Path(source).name} [config.py ...] [--key=value ...]   (settings, defaults):',
                       *(f'  {flag:<{width}}  {meaning}'.rstrip() for flag, meaning in rows)])
-
-
-def check_settings(cfg, valid):
-    """Stops in one line on a setting outside its valid values: `valid` maps settings to (test, what it must be)."""
-    for key, value in cfg.items():
-        test, what = valid.get(key, (lambda v: True, ''))
-        if isinstance(value, float) and not math.isfinite(value):
-            raise SystemExit(f'error: {key} must be finite, got {value}')
-        if not test(value):
-            raise SystemExit(f'error: {key} must be {what}, got {value!r}')
-
-
-def one_of(*options):
-    return lambda v: v in options, 'one of ' + ', '.join(options)
-
-
-def check_unused(cfg, defaults, applies):
-    """Stops in one line on a setting changed from its default that does nothing in this run: `applies` maps settings
-    to (test of the config: does the setting act, what it applies to). A value that is ignored is a mistake, or an
-    expectation the run does not meet."""
-    for key, (acts, what) in applies.items():
-        if cfg[key] != defaults[key] and not acts(cfg):
-            raise SystemExit(f'error: {key}= applies to {what} only, and does nothing in this run; leave it out')
 
 
 def check_outputs(outputs, inputs):

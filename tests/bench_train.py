@@ -11,7 +11,7 @@ evaluation or saving inside the timed steps. bfloat16 means bf16 compute over fl
 precision here, autocast in TRL).
     tiny     data/toy's SFT model (0.13M parameters) on data/toy's pairs, 8 pairs per step
     smollm2  SmolLM2-135M-Instruct (data/smollm2/prepare.py) on HH rows as chat messages that need no truncation at
-             max_length 256 (../shared's HH sample through data/hh/prepare.py --messages, or --hh=FILE), 4 pairs per step
+             max_length 256 (data/hh/harmless_test_first300.jsonl through data/hh/prepare.py --messages, or --hh=FILE), 4 pairs per step
     smollm2-lora  the same with LoRA, bfloat16 only: rank 16, alpha 32 on every attention and MLP projection, the base
              in bf16 and the adapters float32 in both. nanoTR runs TR-DPO (its reference adapters move); TRL cannot
              move a PEFT reference (its reference is the base, adapters off), so it runs plain LoRA-DPO, the closest
@@ -39,7 +39,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED_HH = REPO.parent / 'shared/data/hh_harmless_test_first300.jsonl'
+HH_SAMPLE = REPO / 'data/hh/harmless_test_first300.jsonl'
 MODELS = {
     'tiny': dict(init_from=str(REPO / 'data/toy/sft'), pairs=8, max_length=128, warmup=5, steps=30),
     'smollm2': dict(init_from=str(REPO / 'data/smollm2/model'), pairs=4, max_length=256, warmup=2, steps=8),
@@ -217,7 +217,7 @@ if __name__ == '__main__':
     parser.add_argument('--models', default='tiny,smollm2,smollm2-lora')
     parser.add_argument('--dtypes', default='float32,bfloat16')
     parser.add_argument('--trainers', default='nanotr,trl')
-    parser.add_argument('--hh', default=str(SHARED_HH), help='raw Anthropic HH jsonl for the SmolLM2 rows')
+    parser.add_argument('--hh', default=str(HH_SAMPLE), help='raw Anthropic HH jsonl for the SmolLM2 rows')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     worker(parsed) if parsed.worker else main(parsed)

@@ -20,7 +20,8 @@ import sample
 from data import label
 from data.settings import OutputLock
 from data.toy import gold
-from test_judge import ChatServer, config, label_config, labelled_data, reward_models, server, write_samples  # noqa: F401
+from test_judge import (ChatServer, config, label_config, labelled_data, reward_models, server,  # noqa: F401
+                        write_samples)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -77,7 +78,7 @@ def test_judge_and_gold_refuse_outputs_that_are_inputs(tmp_path):
     before = listing(tmp_path)
     for overrides, message in cases:
         with pytest.raises(SystemExit, match='^error: ' + re.escape(message)):
-            judge.judge(config(tmp_path, **{'a': a, 'b': b, **overrides}))
+            judge.evaluate(config(tmp_path, **{'a': a, 'b': b, **overrides}))
     with pytest.raises(SystemExit, match=f'^error: out would write {a}, which is files={a}, an input of this run'):
         gold.gold(dict(gold.defaults, files=a, out=a))
     assert listing(tmp_path) == before
@@ -141,7 +142,7 @@ def test_a_second_label_run_on_one_out_is_refused_in_one_line(tmp_path, reward_m
 def test_sample_judge_and_gold_hold_a_lock_on_their_out(tmp_path):
     a = write_samples(tmp_path / 'a.jsonl', [' x'])
     out = tmp_path / 'runs' / 'out.json'
-    for run in (lambda: run_sample(out=str(out)), lambda: judge.judge(config(tmp_path, a=a, b=a, out=str(out))),
+    for run in (lambda: run_sample(out=str(out)), lambda: judge.evaluate(config(tmp_path, a=a, b=a, out=str(out))),
                 lambda: gold.gold(dict(gold.defaults, files=a, out=str(out)))):
         with OutputLock(f'{out}.lock', str(out), 'out'):
             before = listing(tmp_path)
@@ -155,7 +156,7 @@ def test_sample_judge_and_gold_hold_a_lock_on_their_out(tmp_path):
 def test_a_run_refused_after_taking_the_lock_leaves_nothing(tmp_path):
     out = tmp_path / 'new' / 'deeper' / 'result.json'
     with pytest.raises(SystemExit, match='^error: sample file not found'):
-        judge.judge(config(tmp_path, a=str(tmp_path / 'missing.jsonl'), b=str(tmp_path / 'missing.jsonl'),
+        judge.evaluate(config(tmp_path, a=str(tmp_path / 'missing.jsonl'), b=str(tmp_path / 'missing.jsonl'),
                            out=str(out)))
     assert not (tmp_path / 'new').exists()
 
@@ -164,32 +165,33 @@ def test_a_run_refused_after_taking_the_lock_leaves_nothing(tmp_path):
 # settings that do nothing, and a model of the wrong kind: refused in one line before any work
 @pytest.mark.parametrize('overrides, message', [
     (dict(judge='hf', judge_model=SFT, base_url='http://127.0.0.1:9/v1'),
-     'base_url= applies to an HTTP judge (judge=http, mode=pairwise or criteria) only'),
+     "base_url='http://127.0.0.1:9/v1' does nothing unless mode != 'reward' and judge == 'http'"),
+    (dict(judge='hf', judge_model=SFT, concurrency=8), "concurrency=8 does nothing unless mode != 'reward' and judge =="),
     (dict(mode='reward', a='', b='', files='F', reward_models=SFT, template='tldr'),
-     'template= applies to mode=pairwise and mode=criteria (an LLM judge) only'),
-    (dict(mode='reward', a='', b='', files='F', reward_models=SFT, cache='other.jsonl'), 'cache= applies to mode='),
-    (dict(reward_models=SFT), 'reward_models= applies to mode=reward only'),
-    (dict(max_length=256), 'max_length= applies to mode=reward only'),
-    (dict(mode='criteria', b='', files='F'), 'a= applies to mode=pairwise only'),
-    (dict(files='F'), 'files= applies to mode=criteria and mode=reward only'),
-    (dict(device='cpu'), 'device= applies to local models (mode=reward, judge=hf) only'),
-    (dict(judge='hf', judge_model=SFT, concurrency=8), 'concurrency= applies to an HTTP judge'),
+     "template='tldr' does nothing unless mode != 'reward'"),
+    (dict(mode='reward', a='', b='', files='F', reward_models=SFT, cache='other.jsonl'),
+     "cache='other.jsonl' does nothing unless mode != 'reward'"),
+    (dict(reward_models=SFT), f"reward_models='{SFT}' does nothing unless mode == 'reward'"),
+    (dict(max_length=256), "max_length=256 does nothing unless mode == 'reward'"),
+    (dict(mode='criteria', b='', files='F'), "a='F' does nothing unless mode == 'pairwise'"),
+    (dict(files='F'), "files='F' does nothing unless mode != 'pairwise'"),
+    (dict(device='cpu'), "device='cpu' does nothing unless mode == 'reward' or judge == 'hf'"),
 ])
 def test_judge_refuses_settings_that_do_nothing(tmp_path, overrides, message):
+    """A value that is ignored is a mistake, or an expectation the run does not meet: refused, naming where it acts."""
     a = write_samples(tmp_path / 'a.jsonl', [' x'])
     overrides = {k: a if v == 'F' else v for k, v in overrides.items()}
-    cfg = {**judge.defaults, 'a': a, 'b': a, **overrides}
-    with pytest.raises(SystemExit, match='^error: ' + message.replace('(', r'\(').replace(')', r'\)')
-                       + '.*, and does nothing in this run; leave it out$'):
-        judge.judge(cfg)
+    with pytest.raises(SystemExit, match='^error: ' + re.escape(message.replace("'F'", repr(a))) + '.*; leave it at '
+                                         'its default'):
+        judge.evaluate({**judge.defaults, 'a': a, 'b': a, **overrides})
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a.jsonl']
 
 
-@pytest.mark.parametrize('overrides, key', [(dict(temperature=0.0, top_p=0.9), 'top_p'),
-                                            (dict(temperature=0.0, seed=5), 'seed')])
-def test_sample_refuses_settings_that_greedy_decoding_ignores(tmp_path, overrides, key):
-    with pytest.raises(SystemExit, match=f'^error: {key}= applies to sampling \\(temperature > 0; 0 is greedy '
-                                         'decoding\\) only, and does nothing in this run; leave it out$'):
+@pytest.mark.parametrize('overrides, message', [(dict(temperature=0.0, top_p=0.9), 'top_p=0.9'),
+                                                (dict(temperature=0.0, seed=5), 'seed=5')])
+def test_sample_refuses_settings_that_greedy_decoding_ignores(tmp_path, overrides, message):
+    with pytest.raises(SystemExit, match=f'^error: {message} does nothing unless temperature > 0; leave it at its '
+                                         'default'):
         run_sample(out=str(tmp_path / 's.jsonl'), **overrides)
     assert not list(tmp_path.iterdir()) and not dist.is_initialized()
 
@@ -201,7 +203,7 @@ def test_a_reward_model_is_refused_where_log_probs_are_needed(tmp_path, reward_m
             run_sample(**{key: reward_models[0]}, out=str(tmp_path / 's.jsonl'))
     a = write_samples(tmp_path / 'a.jsonl', [' x'])
     with pytest.raises(SystemExit, match=f'^error: judge_model={reward_models[0]} is a reward model'):
-        judge.judge(config(tmp_path, a=a, b=a, judge='hf', judge_model=reward_models[0]))
+        judge.evaluate(config(tmp_path, a=a, b=a, judge='hf', judge_model=reward_models[0]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a.jsonl']
 
 

@@ -56,10 +56,13 @@ def test_edistill_batch_min_hand_values():
     """'batch': reward model 1 has errors (4, 0.25), sum 4.25; model 2 (0.25, 0), sum 0.25 → model 2 for every pair.
     With margins chosen so the per-example and batch minima differ: model 1 errors (0, 4), model 2 (1, 1)."""
     train_tr.setup_distributed('cpu')  # a world of one: the batch minimum sums errors over ranks
-    close(pair_loss('edistill', *LOGPS, reward_margins=MARGINS, beta=0.5, edistill_min='batch'), [0.25, 0.0])
-    margins = t(1, 0, 0.5, -0.5).reshape(2, 2)  # m = (1, −1.5): model 1 errors (0, 4); model 2 (1, 1)
-    close(pair_loss('edistill', *LOGPS, reward_margins=margins, beta=0.5, edistill_min='example'), [0.0, 1.0])
-    close(pair_loss('edistill', *LOGPS, reward_margins=margins, beta=0.5, edistill_min='batch'), [1.0, 1.0])
+    m = t(1, -1.5)  # β(ρ_w − ρ_l) of LOGPS at β = 0.5
+    for margins, member, expected in ((MARGINS, 1, [0.25, 0.0]), (t(1, 0, 0.5, -0.5).reshape(2, 2), 1, [1.0, 1.0])):
+        assert train_tr.closest_member(m, margins) == member
+        close(pair_loss('edistill', *LOGPS, reward_margins=margins, beta=0.5, edistill_min='batch', member=member),
+              expected)
+    close(pair_loss('edistill', *LOGPS, reward_margins=t(1, 0, 0.5, -0.5).reshape(2, 2), beta=0.5,
+                    edistill_min='example'), [0.0, 1.0])
 
 
 def test_distill_gradient_hand_value():
@@ -71,7 +74,7 @@ def test_distill_gradient_hand_value():
 
 def test_edistill_one_model_equals_distill():
     margins = MARGINS[:, :1]
-    assert torch.equal(pair_loss('edistill', *LOGPS, reward_margins=margins, beta=0.5),
+    assert torch.equal(pair_loss('edistill', *LOGPS, reward_margins=margins, beta=0.5, member=0),
                        pair_loss('distill', *LOGPS, reward_margins=margins, beta=0.5))
 
 
@@ -240,6 +243,28 @@ def test_edistill_two_processes_match_one_and_resume(tmp_path):
     assert_same_weights(final_state(tmp_path / 'one')['ref'], final_state(tmp_path / 'split')['ref'])
     _, example = run(tmp_path / 'example', *args, '--edistill_min=example')
     assert example[0]['loss'] == pytest.approx(0.13 / 4) and one[0]['loss'] == pytest.approx(0.2 / 4)
+
+
+def halves_disagree(split, rows):
+    """The first step's 4 pairs: the first two fit reward model 1 exactly (Δr = (0, 2)), the last two model 2
+    (Δr = (3, 0)). At step 1 (m = 0) the errors are Δr²: model 1 sums 0 + 0 + 9 + 9 = 18, model 2 4 + 4 + 0 + 0 = 8,
+    so the step's minimum is model 2's, loss (4 + 4 + 0 + 0)/4 = 2; each half alone would pick its own model, loss 0."""
+    first = step_pair_indices(len(rows), 0, 4, 1337) if split == 'train' else []
+    for i, row in enumerate(rows):
+        j = first.index(i) if i in first else i % 4
+        row.update(reward_chosen=[0.0, 2.0] if j < 2 else [3.0, 0.0], reward_rejected=[0.0, 0.0])
+
+
+def test_edistill_batch_min_is_one_objective_whatever_the_split(tmp_path):
+    """e-DPO's minimum is over the optimizer step's global batch: grad_accum (README's advice when short of memory) and
+    the number of processes leave the loss as it is (it was taken per micro-batch: 2.0 with grad_accum=1, 0.0 with 2)."""
+    data = write_labelled(tmp_path / 'data', k=2, edit=halves_disagree)
+    args = [*SMALL, '--loss=edistill', f'--data={data}', '--max_iters=3', '--lr=1e-2', '--pessimism_gamma=0']
+    _, one = run(tmp_path / 'one', *args)
+    assert one[0]['loss'] == pytest.approx(2.0, abs=1e-6)
+    for name, nproc in (('accum', 1), ('two', 2)):  # micro-steps of the pairs 1, 2 then 3, 4 (two: 1, 3 with 2, 4)
+        _, split = run(tmp_path / name, *args, '--grad_accum=2', nproc=nproc)
+        assert_records_close(one, split, ('loss', 'rewards/margins', 'grad_norm'))
 
 
 def test_reward_model_learns_the_rule_and_loads_with_from_pretrained(tmp_path):

@@ -130,14 +130,18 @@ def test_labels_score_a_pair_as_reward_model_training_sees_it(tmp_path, reward_m
     _, model, tokenizer, _ = models[0]
     pairs = data_pairs.load_pairs(str(tmp_path), 'train', tokenizer, 96, 48, verbose=False)
     fitted = [label.fit_pair(models, row, cfg) for row in rows]
-    usable = [ids for ids in fitted if not isinstance(ids, str)]
+    usable = [(row, ids) for row, ids in zip(rows, fitted) if not isinstance(ids, str)]
     assert len(usable) == len(pairs) > 30
-    assert [ids[0] for ids in usable] == [[p.prompt.tolist(), p.chosen.tolist(), p.rejected.tolist()] for p in pairs]
-    assert sum(len(p.prompt) < len(data_pairs.tokenize_prompt(tokenizer, tokenizer.apply_chat_template(
-        r['prompt'], tokenize=False, add_generation_prompt=True))) for p, r in zip(pairs, rows)) > 10  # truncated
+    assert [ids[0] for _, ids in usable] == [[p.prompt.tolist(), p.chosen.tolist(), p.rejected.tolist()]
+                                             for p in pairs]
+    whole = [data_pairs.tokenize_prompt(tokenizer, tokenizer.apply_chat_template(row['prompt'], tokenize=False,
+                                                                                 add_generation_prompt=True))
+             for row, _ in usable]
+    assert sum(len(p.prompt) < len(ids) for p, ids in zip(pairs, whole)) > 10  # truncated
+    pad = model.config.pad_token_id
     with torch.no_grad():
-        trained = torch.cat([sequence_rewards(model, data_pairs.make_batch(pairs[i:i + 8], True, model.config.pad_token_id))
-                             .view(2, -1).T for i in range(0, len(pairs), 8)])
+        trained = torch.cat([sequence_rewards(model, data_pairs.make_batch(pairs[i:i + 8], True, pad)).view(2, -1).T
+                             for i in range(0, len(pairs), 8)])
     labelled = label.label(cfg)
     written = [json.loads(line) for line in (tmp_path / 'labels/train.jsonl').read_text().splitlines()]
     assert labelled[0]['pairs'] == len(pairs)
@@ -158,7 +162,7 @@ def test_judge_scores_a_chat_sample_as_training_reads_its_conversation(tmp_path,
     path.write_text(''.join(json.dumps(s) + '\n' for s in samples))
     cfg = dict(judge.defaults, mode='reward', files=str(path), reward_models=reward_models[0], max_length=64,
                max_prompt_length=32, batch_size=4, device='cpu', bootstrap=10)
-    [result] = judge.judge(cfg)
+    [result] = judge.evaluate(cfg)
     _, model, tokenizer, turn_end = label.load_reward_models(cfg)[0]
     expected = []
     for s in samples:
@@ -172,7 +176,7 @@ def test_judge_scores_a_chat_sample_as_training_reads_its_conversation(tmp_path,
     assert result[reward_models[0]]['mean'] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
     old = tmp_path / 'old.jsonl'  # no prompt_messages: the prompt text, as sampled
     old.write_text(''.join(json.dumps({'prompt': 'Q: fig?', 'completion': ' kiwi'}) + '\n' for _ in range(3)))
-    [result] = judge.judge(dict(cfg, files=str(old)))
+    [result] = judge.evaluate(dict(cfg, files=str(old)))
     assert result['n'] == 3
 
 

@@ -118,14 +118,14 @@ def test_http_goes_through_http_proxy_unless_no_proxy_names_the_host(tmp_path, s
     monkeypatch.setenv('NANOTR_TEST_KEY', KEY)
     monkeypatch.setenv('HTTP_PROXY', proxy.url)
     a = write_samples(tmp_path / 'a.jsonl', [' x', ' y'])
-    [result] = judge.judge(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY', concurrency=1))
+    [result] = judge.evaluate(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY', concurrency=1))
     assert result['n'] == 2 and server.hits == 2 and len(proxy.requests) == 2
     line, headers = proxy.requests[0]
     assert line == f'POST {server.url}/chat/completions HTTP/1.1'  # the absolute URI
     assert headers['proxy-authorization'] == basic(PROXY_USERINFO)  # the proxy's credentials, to the proxy only
     assert server.auth == {f'Bearer {KEY}'} and server.proxy_auth == {None}
     monkeypatch.setenv('NO_PROXY', 'example.com,127.0.0.1')
-    judge.judge(config(tmp_path, server, a=a, b=a, cache=''))
+    judge.evaluate(config(tmp_path, server, a=a, b=a, cache=''))
     assert server.hits == 4 and len(proxy.requests) == 2  # NO_PROXY: straight to the server
     assert PROXY_PASSWORD not in ''.join(capsys.readouterr())
 
@@ -136,7 +136,7 @@ def test_https_goes_through_a_connect_tunnel(tmp_path, tls_server, proxy, monkey
     monkeypatch.setenv('NANOTR_TEST_KEY', KEY)
     monkeypatch.setenv('https_proxy', proxy.url)
     a = write_samples(tmp_path / 'a.jsonl', [' x'])
-    [result] = judge.judge(config(tmp_path, tls_server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
+    [result] = judge.evaluate(config(tmp_path, tls_server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
     assert result['n'] == 1 and tls_server.hits == 1 and tls_server.auth == {f'Bearer {KEY}'}
     [(line, headers)] = proxy.requests
     port = urllib.parse.urlsplit(tls_server.url).port
@@ -154,7 +154,7 @@ def test_a_proxy_that_refuses_stops_at_once_without_showing_its_password(tmp_pat
         a = write_samples(tmp_path / 'a.jsonl', [' x'])
         start = time.monotonic()
         with pytest.raises(SystemExit) as info:
-            judge.judge(config(tmp_path, tls_server if scheme == 'https' else server, a=a, b=a, backoff=1.0))
+            judge.evaluate(config(tmp_path, tls_server if scheme == 'https' else server, a=a, b=a, backoff=1.0))
         assert time.monotonic() - start < 1.0 and len(proxy.requests) == 1
         message = str(info.value)
         assert message.startswith('error: ') and '407' in message and '\n' not in message
@@ -168,7 +168,7 @@ def test_a_proxy_of_another_kind_is_refused_in_one_line(tmp_path, server, monkey
     a = write_samples(tmp_path / 'a.jsonl', [' x'])
     with pytest.raises(SystemExit, match=r'^error: the http proxy socks5://\*\*\*@127.0.0.1:1080 .* is not an '
                                          r'http:// proxy') as info:
-        judge.judge(config(tmp_path, server, a=a, b=a))
+        judge.evaluate(config(tmp_path, server, a=a, b=a))
     assert 'p@ss' not in str(info.value) and server.hits == 0
 
 
@@ -179,13 +179,13 @@ def test_retry_after_is_waited_for_within_the_retries_budget(tmp_path, server):
     for headers, wait in [({'Retry-After': '0.5'}, 0.5), ({'retry-after-ms': '400'}, 0.4)]:
         server.script = [{'status': 429 if 'Retry-After' in headers else 503, 'headers': headers}]
         start = time.monotonic()
-        [result] = judge.judge(config(tmp_path, server, a=a, b=a, cache='', retries=6))  # budget 0.63 s
+        [result] = judge.evaluate(config(tmp_path, server, a=a, b=a, cache='', retries=6))  # budget 0.63 s
         assert result['n'] == 1 and wait <= time.monotonic() - start < wait + 1.0
     server.script = [{'status': 429, 'headers': {'Retry-After': '100'}}] * 3
     start = time.monotonic()
     with pytest.raises(SystemExit, match=f'^error: the judge at {server.url} failed 3 times, last with HTTPError: '
                                          r'HTTP Error 429: Too Many Requests \(Retry-After 100 s\)$'):
-        judge.judge(config(tmp_path, server, a=a, b=a, cache='', retries=2, backoff=0.1))  # budget 0.3 s
+        judge.evaluate(config(tmp_path, server, a=a, b=a, cache='', retries=2, backoff=0.1))  # budget 0.3 s
     assert 0.3 <= time.monotonic() - start < 1.5
 
 
@@ -198,10 +198,10 @@ def test_an_endless_answer_fails_its_try_at_the_size_cap(tmp_path, server, monke
     server.script = ['endless']
     with pytest.raises(SystemExit, match=f'^error: the judge at {server.url} failed 1 times, last with ValueError: an '
                                          f'answer over MAX_BODY = {2**20} bytes'):
-        judge.judge(config(tmp_path, server, a=a, b=a, cache='', retries=0, timeout=30.0))
+        judge.evaluate(config(tmp_path, server, a=a, b=a, cache='', retries=0, timeout=30.0))
     assert server.sent < 16 * 2**20  # the client stopped reading (the server had 64 MiB to send)
     server.script = ['endless']
-    [result] = judge.judge(config(tmp_path, server, a=a, b=a, cache='', retries=1, timeout=30.0))
+    [result] = judge.evaluate(config(tmp_path, server, a=a, b=a, cache='', retries=1, timeout=30.0))
     assert result['n'] == 1
 
 
@@ -212,7 +212,7 @@ def test_a_plain_http_server_at_an_https_url_fails_at_once(tmp_path, server):
     start = time.monotonic()
     with pytest.raises(SystemExit, match=f'^error: no TLS connection to the judge at {https}: .*WRONG_VERSION_NUMBER.* '
                                          r'\(a plain-http server\? then base_url is http://\)$'):
-        judge.judge(config(tmp_path, server, a=a, b=a, base_url=https, retries=3, backoff=0.5))
+        judge.evaluate(config(tmp_path, server, a=a, b=a, base_url=https, retries=3, backoff=0.5))
     assert time.monotonic() - start < 0.5 and server.hits == 0
 
 
@@ -225,10 +225,10 @@ def test_a_key_read_from_a_file_is_sent_stripped_and_shown_in_no_form(tmp_path, 
     cfg = config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY', retries=1, concurrency=1)
     server.script = ['bad_key']
     with pytest.raises(SystemExit) as info:
-        judge.judge(cfg)
+        judge.evaluate(cfg)
     assert server.auth == {f'Bearer {KEY}'} and 'provided: ***.' in str(info.value)
     server.reply = lambda prompt: f'Your key is {value!r}, {KEY}.\nMore helpful: A'
-    judge.judge(cfg)
+    judge.evaluate(cfg)
     messages = [str(info.value), *capsys.readouterr()] + [p.read_text() for p in tmp_path.iterdir()]
     assert not any(KEY in text for text in messages)
 
@@ -238,7 +238,7 @@ def test_a_key_that_no_header_can_carry_is_one_line_without_it(tmp_path, server,
     a = write_samples(tmp_path / 'a.jsonl', [' x'])
     with pytest.raises(SystemExit, match='^error: NANOTR_TEST_KEY holds a line break or another control character '
                                          'inside the key: not a usable API key$'):
-        judge.judge(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
+        judge.evaluate(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
     assert server.hits == 0
 
 
@@ -248,5 +248,5 @@ def test_a_key_in_base_url_is_not_printed_in_the_refusal(tmp_path, url):
     a = write_samples(tmp_path / 'a.jsonl', [' x'])
     with pytest.raises(SystemExit, match='^error: base_url must be an http:// or https:// URL without user, query or '
                                          r"fragment, got 'https://.*\*\*\*") as info:
-        judge.judge(config(tmp_path, a=a, b=a, base_url=url))
+        judge.evaluate(config(tmp_path, a=a, b=a, base_url=url))
     assert KEY not in str(info.value)

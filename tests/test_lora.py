@@ -224,6 +224,31 @@ def test_checkpoint_loads_in_peft_transformers_and_sample(tmp_path):
     assert len(rows) == 4 and all(math.isfinite(r['kl']) for r in rows)
 
 
+def test_bf16_adapter_loads_on_the_base_as_it_trained(tmp_path):
+    """A --dtype=bfloat16 run trains its adapters on the base rounded to bf16, and the merged model is that base plus
+    the delta, in float32. PEFT users reproduce it by loading the base as it trained: in bf16, then .float() for the
+    merged model's float32 logits (to float32 round-off), or kept in bf16 (to bf16 precision). The base in float32
+    (not rounded) is another model: its logits differ by the rounding (0.03 here), which README says."""
+    peft_module = peft()
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / 'out'
+    run(out, *SMALL, *TINY, *LORA, '--dtype=bfloat16', '--lr=1e-2', '--max_iters=6')
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def with_adapter(base):
+        return peft_module.PeftModel.from_pretrained(base, out / 'adapter')(input_ids=ids).logits.float()
+    base = REPO / 'data/tiny/sft'
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+        as_trained = with_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).float())
+        in_bf16 = with_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16))
+        unrounded = with_adapter(AutoModelForCausalLM.from_pretrained(base))
+    scale = merged.abs().max().item()
+    torch.testing.assert_close(as_trained, merged, atol=1e-6 * scale, rtol=0)
+    torch.testing.assert_close(in_bf16, merged, atol=2 * 2 ** -8 * scale, rtol=0)  # two bf16 ulps of the logits
+    assert (unrounded - merged).abs().max() > 1e-3
+
+
 def test_two_processes_match_one(tmp_path):
     """LoRA TR-DPO, the same global batch: 1 process with 2 micro-steps == 2 processes, losses and adapters."""
     args = [*SMALL, *TINY, *LORA, '--max_iters=3', '--tr_tau=2', '--tr_alpha=0.5', '--lr=1e-2']

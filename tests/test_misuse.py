@@ -2,6 +2,7 @@
 stops in one `error:` line before anything is written; nothing a run produced is lost or silently wrong."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,58 @@ def test_refused_runs_leave_nothing_behind(tmp_path):
         proc, _ = run(tmp_path / 'out', *args, check=False)
         assert proc.returncode == 1 and last_error(proc), proc.stderr[-1000:]
         assert not (tmp_path / 'out').exists(), args
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--loss=ipo', '--label_smoothing=0.1'], "label_smoothing=0.1 does nothing unless loss in ('dpo', 'pdpo')"),
+    (['--loss=sft', '--ref_from=data/toy/base'], "ref_from='data/toy/base' does nothing unless loss not in ('sft', "),
+    (['--loss=rm', '--beta=0.3'], "beta=0.3 does nothing unless loss not in ('sft', 'rm')"),
+    (['--ref_update=hard', '--tr_alpha=0.5'], "tr_alpha=0.5 does nothing unless ref_update == 'soft'"),
+    (['--ref_update=none', '--tr_tau=5'], "tr_tau=5 does nothing unless ref_update != 'none'"),
+    (['--lora_alpha=8'], 'lora_alpha=8.0 does nothing unless lora_rank'),
+    (['--loss=dpo', '--edistill_min=example'], "edistill_min='example' does nothing unless loss == 'edistill'"),
+    (['--wandb_project=mine'], "wandb_project='mine' does nothing unless wandb_log"),
+    (['--out_dir='], "out_dir='': names no folder"),
+    (['--out_dir=  '], "out_dir='  ': names no folder"),
+    ([f'--seed={2**64}'], f'seed={2**64}: need 0 <= seed < 2**64'),
+    (['--seed=-1'], 'seed=-1: need 0 <= seed < 2**64'),
+    (['--lora_rank=4', '--ref_from=data/toy/base'], "ref_from='data/toy/base': needs lora_rank=0"),
+])
+def test_a_setting_that_would_do_nothing_or_harm_is_refused(args, message):
+    """Silently ignored before (label_smoothing with ipo), or failing late: ref_from with sft was an AttributeError,
+    out_dir='' wrote a checkpoint into the working directory, a seed beyond 64 bits a late overflow."""
+    with pytest.raises(SystemExit, match='^error: ' + re.escape(message)):
+        train_tr.get_config(args)
+
+
+def test_wandb_without_wandb_is_refused_before_any_work(monkeypatch):
+    import data.settings
+    monkeypatch.setattr(data.settings, 'importable', lambda module: module != 'wandb')  # as where it is not installed
+    with pytest.raises(SystemExit, match=r'^error: wandb_log=True: needs `pip install wandb`$'):
+        train_tr.get_config(['--wandb_log=True'])
+
+
+def test_refused_inputs_leave_nothing_behind(tmp_path):
+    """A reward model as the policy of a preference loss (it has no log-probs: loaded as a causal LM it got a random
+    head, with only transformers' load report to hint at it) and a data folder whose train file is a link to
+    nothing: one line, no out_dir."""
+    proc, _ = run(tmp_path / 'rm', '--loss=rm', '--max_iters=1', '--eval_interval=1')
+    data = tmp_path / 'data'
+    data.mkdir()
+    (data / 'train.jsonl').symlink_to(tmp_path / 'gone.jsonl')
+    for args, message in [([f'--init_from={tmp_path / "rm"}'], f'error: init_from={tmp_path / "rm"} is a reward model'),
+                          ([f'--data={data}'], f'error: {data / "train.jsonl"} is a broken link')]:
+        proc, _ = run(tmp_path / 'out', *args, check=False)
+        assert proc.returncode == 1 and last_error(proc).startswith(message), proc.stderr[-1000:]
+        assert not (tmp_path / 'out').exists(), args
+
+
+def test_a_refusal_under_torchrun_is_one_line(tmp_path):
+    """Every rank stops at a refused setting; rank 0 alone says why (each rank printed it)."""
+    proc, _ = run(tmp_path / 'out', '--beta=-1', nproc=2, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count('error: beta=-1.0: need beta > 0') == 1, proc.stderr[-2000:]
+    assert not (tmp_path / 'out').exists()
 
 
 def test_out_dir_that_is_a_file(tmp_path):

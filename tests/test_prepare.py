@@ -1,5 +1,5 @@
 """The data preparation scripts: hand-checked outputs on small raw fixtures, the CLIs end to end, and the HH parser on
-300 real rows (../shared/data, skipped when absent). CPU only, no network."""
+300 real rows that the repository ships (data/hh/harmless_test_first300.jsonl). CPU only, no network."""
 import gzip
 import importlib.util
 import json
@@ -15,7 +15,7 @@ from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-SHARED_HH = ROOT.parent / "shared" / "data" / "hh_harmless_test_first300.jsonl"
+HH_SAMPLE = ROOT / "data" / "hh" / "harmless_test_first300.jsonl"  # the first 300 raw rows of HH harmless-base test
 
 
 def load_script(rel, name):
@@ -175,9 +175,7 @@ def test_tldr_parquet_validation_is_test(tmp_path):
 
 
 def test_hh_real_rows(tmp_path):
-    if not SHARED_HH.exists():
-        pytest.skip(f"{SHARED_HH} not present (it lives in ../shared beside the checkout)")
-    rows = read_jsonl(SHARED_HH)
+    rows = read_jsonl(HH_SAMPLE)
     kept, skipped = hh.convert(rows)
     print(hh.summary("hh", "test", kept, skipped))
     assert len(kept) + sum(skipped.values()) == 300
@@ -189,16 +187,16 @@ def test_hh_real_rows(tmp_path):
     assert len(kept) == 299
     assert skipped == Counter({"empty response": 1})
     assert hh.hh_to_canonical(rows[86]) == "empty response"
-    stdout = run_script("data/hh/prepare.py", f"--raw={SHARED_HH}", f"--out_dir={tmp_path}")
+    stdout = run_script("data/hh/prepare.py", f"--raw={HH_SAMPLE}", f"--out_dir={tmp_path}")
     assert stdout.strip() == "hh test: kept 299 of 300 rows (skipped: 1 empty response)"
     assert read_jsonl(tmp_path / "test.jsonl") == kept
-    stdout = run_script("data/hh/prepare.py", f"--raw={SHARED_HH}", "--messages", f"--out_dir={tmp_path / 'chat'}")
+    stdout = run_script("data/hh/prepare.py", f"--raw={HH_SAMPLE}", "--messages", f"--out_dir={tmp_path / 'chat'}")
     chat = read_jsonl(tmp_path / "chat" / "test.jsonl")
     assert stdout.strip() == f"hh test: kept {len(chat)} of 300 rows (skipped: 1 empty response)" and len(chat) == 299
     for row, text in zip(chat, kept):  # the same dialogues: each turn's text is in the HH prompt
         assert row["prompt"][-1]["role"] == "user" and all(t["content"] in text["prompt"] for t in row["prompt"])
     # README's real-model recipe: both splits from this one file, offline
-    stdout = run_script("data/hh/prepare.py", f"--raw={SHARED_HH}", "--test_rows=40", "--messages",
+    stdout = run_script("data/hh/prepare.py", f"--raw={HH_SAMPLE}", "--test_rows=40", "--messages",
                         f"--out_dir={tmp_path / 'split'}")
     assert stdout.splitlines() == ["hh train: kept 259 of 260 rows (skipped: 1 empty response)",
                                    "hh test: kept 40 of 40 rows (skipped: none)"]

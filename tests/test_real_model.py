@@ -19,7 +19,7 @@ from conftest import padded_logps, unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / 'data/smollm2/model'
-SHARED_HH = REPO.parent / 'shared/data/hh_harmless_test_first300.jsonl'
+HH_SAMPLE = REPO / 'data/hh/harmless_test_first300.jsonl'  # 300 raw rows of HH harmless-base test, shipped
 
 # HH-style dialogues as message lists (written for these tests): a system turn, multi-turn prompts, short answers
 SYSTEM = {'role': 'system', 'content': 'You are a careful assistant.'}
@@ -154,14 +154,12 @@ def test_shared_prompt_equals_the_padded_path_on_the_real_model(smollm2, chat_to
 
 
 def hh_rows(tmp_path):
-    """The HH-style dialogues above, plus when ../shared is present its real HH rows turned into message lists by
+    """The HH-style dialogues above, plus real HH rows (data/hh/harmless_test_first300.jsonl) turned into message lists by
     data/hh/prepare.py --messages (the first 8 that fit 256 tokens keep the run short)."""
-    rows = list(ROWS)
-    if SHARED_HH.exists():
-        subprocess.run([sys.executable, 'data/hh/prepare.py', f'--raw={SHARED_HH}', '--messages',
-                        f'--out_dir={tmp_path}'], cwd=REPO, check=True, capture_output=True)
-        real = [json.loads(line) for line in (tmp_path / 'test.jsonl').read_text().splitlines()]
-        rows += [r for r in real if len(json.dumps(r)) < 700][:8]
+    subprocess.run([sys.executable, 'data/hh/prepare.py', f'--raw={HH_SAMPLE}', '--messages', f'--out_dir={tmp_path}'],
+                   cwd=REPO, check=True, capture_output=True)
+    real = [json.loads(line) for line in (tmp_path / 'test.jsonl').read_text().splitlines()]
+    rows = list(ROWS) + [r for r in real if len(json.dumps(r)) < 700][:8]
     path = tmp_path / 'hh_chat.jsonl'
     path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
     return path

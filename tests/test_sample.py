@@ -160,18 +160,19 @@ def test_without_out_samples_are_printed_also_with_ref(capsys):
 
 
 @pytest.mark.parametrize('setting, message', [
-    (dict(batch_size=0), 'batch_size must be >= 1, got 0'),
-    (dict(max_new_tokens=0), 'max_new_tokens must be >= 1, got 0'),
-    (dict(temperature=-0.5), 'temperature must be >= 0, got -0.5'),
-    (dict(top_p=0.0), r'top_p must be in \(0, 1\], got 0.0'),
-    (dict(top_p=1.5), r'top_p must be in \(0, 1\], got 1.5'),
+    (dict(batch_size=0), 'batch_size=0: need batch_size >= 1'),
+    (dict(max_new_tokens=0), 'max_new_tokens=0: need max_new_tokens >= 1'),
+    (dict(temperature=-0.5), 'temperature=-0.5: need temperature >= 0'),
+    (dict(top_p=0.0), r'top_p=0.0: need 0 < top_p <= 1'),
+    (dict(top_p=1.5), r'top_p=1.5: need 0 < top_p <= 1'),
     (dict(top_p=float('nan')), 'top_p must be finite, got nan'),
-    (dict(num_prompts=-1), 'num_prompts must be >= 0, got -1'),
-    (dict(num_samples=0), 'num_samples must be >= 1, got 0'),
-    (dict(max_prompt_length=0), 'max_prompt_length must be >= 1, got 0'),
-    (dict(device='gpu'), "device must be one of auto, cpu, cuda, got 'gpu'"),
-    (dict(dtype='float16'), "dtype must be one of float32, bfloat16, got 'float16'"),
-    (dict(out='samples'), "out must be a file to write, not a folder, got '.*samples'"),
+    (dict(num_prompts=-1), 'num_prompts=-1: need num_prompts >= 0'),
+    (dict(num_samples=0), 'num_samples=0: need num_samples >= 1'),
+    (dict(max_prompt_length=0), 'max_prompt_length=0: need max_prompt_length >= 1'),
+    (dict(seed=2**64), f'seed={2**64}: need 0 <= seed < 2\\*\\*64'),
+    (dict(device='gpu'), "device='gpu': need device in \\('auto', 'cpu', 'cuda'\\)"),
+    (dict(dtype='float16'), "dtype='float16': need dtype in \\('auto', 'float32', 'bfloat16'\\)"),
+    (dict(out='samples'), "out='.*samples': is a folder; give a file path"),
 ])
 def test_settings_are_checked_before_any_work(tmp_path, setting, message):
     (tmp_path / 'samples').mkdir()
@@ -186,9 +187,10 @@ def test_ref_with_another_tokenizer_is_refused(tmp_path):
     """The toy's tokenizer (384 tokens) is not the tiny one (512): logp_ref of the sampled ids would be a meaningless
     KL of about 70 nats."""
     toy = str(REPO / 'data/toy/sft')
-    with pytest.raises(SystemExit, match=f'^error: ref={re.escape(toy)} has another tokenizer than init_from='):
+    with pytest.raises(SystemExit, match=f'^error: ref={re.escape(toy)} has another vocabulary than init_from: its '
+                                         'log-probs of the same token ids would be those of other text'):
         run_sample(tmp_path / 'samples.jsonl', ref=toy)
-    assert not (tmp_path / 'samples.jsonl').exists()
+    assert not list(tmp_path.iterdir())  # refused before the lock and the folder it would make
     with pytest.raises(SystemExit, match='^error: init_from=.*missing not found'):
         run_sample(tmp_path / 'samples.jsonl', init_from=str(tmp_path / 'no/such/missing'))
 

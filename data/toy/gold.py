@@ -13,22 +13,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]  # judge.py and prepare.py, from any folder
-from judge import VALID, lock_out, per_file, read_samples, report, sample_files  # noqa: E402
+from judge import lock_out, per_file, read_samples, report, sample_files  # noqa: E402
 from prepare import gold_reward  # noqa: E402
-from data.settings import check_outputs, check_settings, parse_overrides  # noqa: E402
+from data.settings import NOT_A_FOLDER, check_outputs, check_settings, defaults_of, need, parse_overrides  # noqa: E402
 
-defaults = dict(
-    files='',               # comma-separated sample files (sample.py --out=) of the toy's prompts
-    bootstrap=1000,         # resamples of the prompts for the 95% confidence intervals
-    seed=1337,              # the bootstrap
-    out='',                 # JSON of every number; '' = the table only
-)
+# settings: a setting a line, `name: its check = default  # meaning` (data/settings.py), checked before any work
+files: str = ''                                 # comma-separated sample files (sample.py --out=) of the toy's prompts
+bootstrap: need('bootstrap >= 1') = 1000        # resamples of the prompts for the 95% confidence intervals
+seed: need('0 <= seed < 2**64') = 1337          # the bootstrap
+out: NOT_A_FOLDER = ''                          # JSON of every number; '' = the table only
+defaults = defaults_of(globals())
 
 
 def gold(cfg):
     """A result per sample file: n, the mean gold reward r* and the mean kl, each with its 95% CI; printed as a table,
     and with out= written as JSON."""
-    check_settings(cfg, VALID)
+    check_settings(cfg, globals())
     if not sample_files(cfg):
         raise SystemExit('error: files= needs one or more sample files (sample.py --out=), comma-separated')
     check_outputs([('out', cfg['out'])], [('files', f) for f in sample_files(cfg)])
