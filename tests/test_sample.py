@@ -1,5 +1,6 @@
 """sample.py on the tiny shipped models: determinism under a seed, left-padded batches, the log-probs behind the KL
-estimate (exact ids, KL of a model against itself = 0), resuming, and 2 processes writing what 1 process writes."""
+estimate (exact ids, KL of a model against itself = 0), resuming, 2 processes writing what 1 process writes (with the
+files read by rank 0 alone), and the models loaded in the compute dtype (SmolLM2 in bf16: the memory of two copies)."""
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from transformers import AutoTokenizer
 
 import sample
 from data.pairs import load_pairs, tokenize_prompt
+from test_real_model import smollm2  # noqa: F401  (a fixture: SmolLM2-135M-Instruct, built on first use)
 from train_tr import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,15 +99,75 @@ def test_resume_continues_and_does_not_redo(tmp_path):
 
 
 def test_bfloat16_samples_and_scores_in_bfloat16(tmp_path):
-    """dtype=bfloat16 autocasts generation and scoring: greedy completions of the tiny model are the float32 ones, their
-    log-probs close to float32's but not equal to them."""
+    """dtype=bfloat16 loads bf16 weights for generation and scoring: greedy completions of the tiny model are the
+    float32 ones, their log-probs close to float32's but not equal to them. dtype=auto is float32 on a CPU, byte for
+    byte."""
     settings = dict(ref=BASE, temperature=0.0, num_samples=1)
-    fp32, bf16 = run_sample(tmp_path / 'fp32.jsonl', **settings), run_sample(tmp_path / 'bf16.jsonl', dtype='bfloat16',
-                                                                             **settings)
+    fp32, bf16 = run_sample(tmp_path / 'fp32.jsonl', dtype='float32', **settings), run_sample(
+        tmp_path / 'bf16.jsonl', dtype='bfloat16', **settings)
     assert [r['completion'] for r in bf16] == [r['completion'] for r in fp32] and bf16[0]['dtype'] == 'bfloat16'
     for key in 'logp_policy', 'kl':
         assert [r[key] for r in bf16] == pytest.approx([r[key] for r in fp32], abs=0.1)
         assert [r[key] for r in bf16] != [r[key] for r in fp32]
+    run_sample(tmp_path / 'auto.jsonl', **settings)
+    assert (tmp_path / 'auto.jsonl').read_bytes() == (tmp_path / 'fp32.jsonl').read_bytes()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_models_are_loaded_in_the_compute_dtype_without_gradients(tmp_path, dtype):
+    """float32 weights with requires_grad=True, autocast over them: autocast cached a bf16 copy of every weight. The
+    models are now read in the compute dtype, a tensor at a time, into exactly load_model's model (weights, RoPE
+    buffers, generation config); a checkpoint in shards too, and one this reader does not know (float64) through
+    load_model."""
+    expected = load_model(SFT, dtype=dtype).eval()
+    sharded = tmp_path / 'sharded'
+    expected.save_pretrained(sharded, max_shard_size='100KB')
+    assert (sharded / 'model.safetensors.index.json').is_file()
+    foreign = tmp_path / 'foreign'  # float64 weights, which this reader leaves to from_pretrained
+    shutil.copytree(SFT, foreign)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(foreign / 'model.safetensors')
+    save_file({k: v.double() for k, v in weights.items()}, foreign / 'model.safetensors', metadata={'format': 'pt'})
+    for name in (SFT, sharded, foreign):
+        model = sample.load_for_sampling(str(name), dtype, torch.device('cpu'))
+        assert not model.training and all(p.dtype == dtype and not p.requires_grad for p in model.parameters())
+        got, want = dict(model.named_buffers()) | model.state_dict(), dict(expected.named_buffers()) | \
+            expected.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert model.generation_config.to_dict() == expected.generation_config.to_dict()
+
+
+def test_sampling_smollm2_in_bf16_holds_about_its_two_bf16_models(tmp_path, smollm2):  # noqa: F811
+    """The peak RSS of sample.py over its imports, SmolLM2-135M policy and reference in bf16 (two bf16 copies: 0.54
+    GB): 1.59 GB when the float32 weights were autocast (autocast's bf16 copies beside them), 0.85 GB loaded by
+    from_pretrained in bf16 (the float32 checkpoint read beside them), and a bf16 head fed the [B, 1, H] view of the
+    last position expanded its weight once per row (+0.21 GB at B = 4); the goal is 0.80 GB."""
+    script = f"""
+import json, os, resource, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch, sample
+torch.set_num_threads(1)
+before = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+sample.sample(dict(sample.defaults, init_from={str(smollm2)!r}, ref={str(smollm2)!r}, data={str(REPO / 'data/toy')!r},
+                   num_prompts=4, max_new_tokens=8, dtype='bfloat16', device='cpu', out={str(tmp_path / 's.jsonl')!r}))
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+"""
+    proc = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cost = json.loads(proc.stdout.splitlines()[-1]) / 2**30
+    print(f'sample.py, SmolLM2-135M policy + reference in bf16: {cost:.2f} GB of peak RSS over its imports')
+    assert cost <= 0.80
+
+
+def test_an_older_sample_file_is_not_continued(tmp_path):
+    """Rows without prompt_messages (sample.py before it wrote them) would mix two scoring rules in one file."""
+    out = tmp_path / 'samples.jsonl'
+    rows = run_sample(out)
+    out.write_text(''.join(json.dumps({k: v for k, v in row.items() if k != 'prompt_messages'}) + '\n' for row in rows))
+    with pytest.raises(SystemExit, match=f'^error: {out} was written by an older sample.py \\(its rows have no '
+                                         'prompt_messages\\); use another out= or delete it$'):
+        run_sample(out)
 
 
 def test_resume_refuses_samples_of_other_files_at_the_same_paths(tmp_path):
@@ -222,3 +284,34 @@ def test_two_processes_write_what_one_writes(tmp_path):
     one, two = (tmp_path / '1.jsonl').read_text(), (tmp_path / '2.jsonl').read_text()
     assert one == two and len(one.splitlines()) == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ['1.jsonl', '2.jsonl']  # part files merged and removed
+
+
+@pytest.mark.slow
+def test_rank_0_alone_reads_the_files_every_rank_needs(tmp_path):
+    """Every rank fingerprinted the model files (8 ranks x 16 GB of reading at 8B) and read the earlier rows: rank 0
+    does, and sends the others what it found."""
+    out = tmp_path / 'samples.jsonl'
+    driver = tmp_path / 'driver.py'
+    driver.write_text(f"""
+import json, os, sys
+sys.path.insert(0, {str(REPO)!r})
+import sample
+calls = []
+for name in ('fingerprint', 'read_jsonl'):
+    real = getattr(sample, name)
+    setattr(sample, name, lambda *args, real=real, name=name, **kwargs: calls.append(name) or real(*args, **kwargs))
+sample.sample(dict(sample.defaults, init_from={SFT!r}, ref={BASE!r}, data={str(REPO / 'data/tiny')!r}, num_prompts=4,
+                   max_new_tokens=8, batch_size=2, device='cpu', out={str(out)!r}))
+with open(f"{{sys.argv[1]}}.{{os.environ['RANK']}}", 'w') as f:
+    json.dump(calls, f)
+""")
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    for run in ('first', 'again'):  # again: the rows of the first run are read, and found complete
+        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               str(driver), str(tmp_path / run)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        calls = [json.loads((tmp_path / f'{run}.{rank}').read_text()) for rank in (0, 1)]
+        assert calls[0].count('fingerprint') == 3 and 'fingerprint' not in calls[1]
+        assert 'read_jsonl' in calls[0] and 'read_jsonl' not in calls[1]
+    assert len(out.read_text().splitlines()) == 4
