@@ -38,8 +38,8 @@ from tqdm import tqdm
 from sample import drop_partial_line, generate
 from data.judge_client import http_answer, redact, redact_url
 from data.label import load_reward_models, reward_model_names, rewards
-from data.pairs import (check_model_path, fingerprint, fit_example, is_messages, jsonl_lines, load_tokenizer,
-                        padding_id, read_jsonl, read_text, tokenize_prompt)
+from data.pairs import (check_model_path, fingerprint, fit_example, input_paths, is_messages, jsonl_lines,
+                        load_tokenizer, padding_id, read_jsonl, read_text, tokenize_prompt)
 from data.settings import (NOT_A_FOLDER, PROMPT_FITS, OutputLock, check_outputs, check_settings, defaults_of, need,
                            one_of, parse_overrides)
 from train_tr import load_model, resolve_device
@@ -387,9 +387,11 @@ def check_config(cfg):
     judge_model = cfg['judge_model'] if asks(cfg) and cfg['judge'] == 'hf' else ''
     check_outputs([('out', cfg['out']), ('out', cfg['out'] and str(verdicts_path(cfg)) if asks(cfg) else ''),
                    ('cache', cfg['cache'] if asks(cfg) else '')],
-                  [('a', cfg['a']), ('b', cfg['b']), *(('files', f) for f in sample_files(cfg)),
-                   ('template', str(path) if mode in FIELDS else ''), ('judge_model', judge_model),
-                   *(('reward_models', m) for m in reward_model_names(cfg))])
+                  [input_paths('a', cfg['a']), input_paths('b', cfg['b']),
+                   *(input_paths('files', f) for f in sample_files(cfg)),
+                   input_paths('template', str(path) if mode in FIELDS else ''),
+                   input_paths('judge_model', judge_model),
+                   *(input_paths('reward_models', m) for m in reward_model_names(cfg))])
     if judge_model:
         check_model_path(judge_model, 'judge_model', reward_model=False)
     template = read_text(path) if mode in FIELDS else ''

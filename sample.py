@@ -43,7 +43,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from data.pairs import (check_model_path, check_vocabulary, derived_seed, fingerprint, fingerprinted_files, layout,
+from data.pairs import (check_model_path, check_vocabulary, derived_seed, fingerprint, input_paths, layout,
                         load_pairs, load_tokenizer, padding_id, read_jsonl)
 from data.settings import (DEVICE, NOT_A_FOLDER, OutputLock, check_outputs, check_settings, defaults_of, need, one_of,
                            parse_overrides)
@@ -213,8 +213,8 @@ def prepare(cfg, dtype, stack):
     for key in ('init_from', 'ref'):
         if cfg[key]:
             check_model_path(cfg[key], key, reward_model=False)
-    check_outputs([('out', cfg['out'])], [('init_from', cfg['init_from']), ('ref', cfg['ref'])] + [
-        ('data', str(path)) for path in fingerprinted_files(cfg['data'], splits=True)])
+    check_outputs([('out', cfg['out'])], [input_paths('init_from', cfg['init_from']), input_paths('ref', cfg['ref']),
+                                          input_paths('data', cfg['data'], splits=True)])
     check_vocabulary(load_tokenizer(cfg['init_from'], 'init_from'), cfg['ref'], 'ref')
     out = Path(cfg['out'] or os.devnull)
     if cfg['out']:

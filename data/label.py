@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.pairs import (check_model_path, end_of_turn, fingerprint, fingerprinted_files, fit_row,  # noqa: E402
+from data.pairs import (check_model_path, end_of_turn, fingerprint, fit_row, input_paths,  # noqa: E402
                         jsonl_lines, layout, load_tokenizer, read_rows, read_text)
 from data.settings import (DEVICE, PROMPT_FITS, OutputLock, check_outputs, check_settings, defaults_of,  # noqa: E402
                            need, parse_overrides)
@@ -103,10 +103,9 @@ def rewards(models, examples, cfg):
 def check_config(cfg):
     """Every setting, and that out is none of the inputs, before any model or file is read."""
     check_settings(cfg, globals())
-    # a data folder and its data files, each reward model's folder (its fingerprint covers its files)
-    data = [cfg['data'], *(fingerprinted_files(cfg['data'], splits=True) if Path(cfg['data']).is_dir() else [])]
-    check_outputs([('out', str(Path(cfg['out']) / f'{split}.jsonl')) for split in SPLITS],
-                  [('data', str(path)) for path in data] + [('reward_models', m) for m in reward_model_names(cfg)])
+    check_outputs([('out', cfg['out']), *(('out', str(Path(cfg['out']) / f'{split}.jsonl')) for split in SPLITS)],
+                  [input_paths('data', cfg['data'], splits=True),
+                   *(input_paths('reward_models', m) for m in reward_model_names(cfg))])
 
 
 def kept_lines(path, usable, made):

@@ -38,6 +38,12 @@ def fingerprinted_files(source, splits=False):
         and (not splits or f.stem in ('train', 'test') and f.suffix.lower() in DATA_SUFFIXES)) if path.is_dir() else []
 
 
+def input_paths(setting, source, splits=False):
+    """(setting, source, paths a run reads from it: the source and fingerprinted_files) for data/settings.py
+    check_outputs; '' reads nothing."""
+    return setting, source, [source, *fingerprinted_files(source, splits)] if source else []
+
+
 def fingerprint(source, splits=False):
     """A short sha256 of what a path holds, so that an output made from it can tell when it changed: a file's bytes,
     or a folder's top-level files (names and bytes; hidden files and the run state beside a model left out; with

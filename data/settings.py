@@ -144,10 +144,8 @@ def settings_help(source, defaults):
 
 def check_outputs(outputs, inputs):
     """Stops in one line, before any work, when a run would write over what it reads: an output path (resolved) that
-    is an input, or a file among an input folder's top-level files (a model folder's fingerprint, data/pairs.py,
-    covers them: a model's own samples or cache written there would change it), or two outputs that are one file.
-    outputs and inputs are (setting, path) pairs; '' is no path. Data folders are given as the split files read."""
-    resolved = [(setting, path, Path(path).resolve()) for setting, path in inputs if path]
+    is an input path, or two outputs that are one file. outputs: (setting, path); inputs: (setting, value given,
+    paths it reads: the value itself and, for a folder, its files, data/pairs.py input_paths); '' is no path."""
     written = {}
     for setting, path in outputs:
         if not path:
@@ -157,11 +155,11 @@ def check_outputs(outputs, inputs):
             raise SystemExit(f'error: {setting} would write {path}, which {written[out]} also writes; give each its '
                              'own path')
         written[out] = setting
-        for name, given, source in resolved:
-            if out == source or (out.parent == source and source.is_dir()):
-                what = 'is' if out == source else 'is a file in the folder of'
-                raise SystemExit(f'error: {setting} would write {path}, which {what} {name}={given}, an input of '
-                                 f'this run: it would change what it reads; use another {setting}=')
+        for name, given, paths in inputs:
+            if out in {Path(p).resolve() for p in paths if p}:
+                what = f'{name}={given}' if out == Path(given).resolve() else f'a file of {name}={given}'
+                raise SystemExit(f'error: {setting} would write {path}, which is {what}, an input of this run: it '
+                                 f'would change what it reads; use another {setting}=')
 
 
 class OutputLock:

@@ -15,7 +15,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]  # judge.py and prepare.py, from any folder
 from judge import lock_out, per_file, read_samples, report, sample_files  # noqa: E402
 from prepare import gold_reward  # noqa: E402
-from data.settings import NOT_A_FOLDER, check_outputs, check_settings, defaults_of, need, parse_overrides  # noqa: E402
+from data.pairs import input_paths  # noqa: E402
+from data.settings import (NOT_A_FOLDER, check_outputs, check_settings, defaults_of, need,  # noqa: E402
+                           parse_overrides)
 
 # settings: a setting a line, `name: its check = default  # meaning` (data/settings.py), checked before any work
 files: str = ''                                 # comma-separated sample files (sample.py --out=) of the toy's prompts
@@ -31,7 +33,7 @@ def gold(cfg):
     check_settings(cfg, globals())
     if not sample_files(cfg):
         raise SystemExit('error: files= needs one or more sample files (sample.py --out=), comma-separated')
-    check_outputs([('out', cfg['out'])], [('files', f) for f in sample_files(cfg)])
+    check_outputs([('out', cfg['out'])], [input_paths('files', f) for f in sample_files(cfg)])
     with lock_out(cfg):
         rows = []
         for f in sample_files(cfg):
