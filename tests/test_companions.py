@@ -21,8 +21,8 @@ import sample
 from data import label
 from data.settings import OutputLock
 from data.toy import gold
-from test_judge import (ChatServer, config, label_config, labelled_data, reward_models, server,  # noqa: F401
-                        write_samples)
+from test_judge import (config, label_config, labelled_data, no_proxy_settings, reward_models,  # noqa: F401
+                        server, write_samples)
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -430,6 +430,23 @@ def test_local_hf_judge(tmp_path, capsys):
     assert '(3 of 3 cached)' in capsys.readouterr().err
 
 
+def test_a_local_judge_retrained_at_the_same_path_is_asked_again(tmp_path, capsys):
+    """The cache served a local judge's old answers after that model was retrained in its folder: the key holds its
+    files' fingerprint, as sample.py's rows do."""
+    from safetensors.torch import load_file, save_file
+    model = tmp_path / 'judge_model'
+    shutil.copytree(SFT, model)
+    a = write_samples(tmp_path / 'a.jsonl', [' one', ' two'])
+    cfg = config(tmp_path, judge='hf', judge_model=str(model), a=a, b=a, max_tokens=8)
+    judge.evaluate(cfg)
+    weights = load_file(model / 'model.safetensors')
+    save_file({k: v + 0.05 for k, v in weights.items()}, model / 'model.safetensors', metadata={'format': 'pt'})
+    capsys.readouterr()
+    judge.evaluate(cfg)
+    assert '(0 of 2 cached)' in capsys.readouterr().err
+    assert len((tmp_path / 'cache.jsonl').read_text().splitlines()) == 4
+
+
 @pytest.fixture(scope='module')
 def reward_models(tmp_path_factory):
     """Two tiny reward models: the SFT model with random score heads (seeds 1 and 2)."""

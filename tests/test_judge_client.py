@@ -17,7 +17,7 @@ import pytest
 
 import judge
 from data import judge_client
-from test_judge import KEY, ChatHandler, ChatServer, config, no_proxy_settings, server, write_samples  # noqa: F401
+from test_judge import KEY, ChatServer, config, no_proxy_settings, server, write_samples  # noqa: F401
 
 PROXY_PASSWORD = 'pr0xy-p@ss-S3CRET'
 PROXY_USERINFO = f"puser:{urllib.parse.quote(PROXY_PASSWORD, safe='')}"

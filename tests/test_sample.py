@@ -257,6 +257,15 @@ def test_ref_with_another_tokenizer_is_refused(tmp_path):
         run_sample(tmp_path / 'samples.jsonl', init_from=str(tmp_path / 'no/such/missing'))
 
 
+def test_a_checkpoint_without_a_tokenizer_is_one_line(tmp_path):
+    """sample.py read the tokenizer with AutoTokenizer itself: a checkpoint without one was a traceback."""
+    model = tmp_path / 'model'
+    shutil.copytree(SFT, model, ignore=shutil.ignore_patterns('tokenizer*', 'chat_template.jinja'))
+    with pytest.raises(SystemExit, match=f'^error: init_from={re.escape(str(model))} has no usable tokenizer'):
+        run_sample(tmp_path / 'samples.jsonl', init_from=str(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
+
+
 def test_outputs_of_readme_commands_are_ignored_by_git():
     """The README's commands write samples/, judge_cache.jsonl and out*/ into the checkout."""
     if shutil.which('git') is None or subprocess.run(['git', 'rev-parse'], cwd=REPO, capture_output=True).returncode:
