@@ -146,58 +146,58 @@ Terms = namedtuple('Terms', 'chosen rejected rho_chosen rho_rejected chosen_toke
                    'kto_z member', defaults=(None,) * 8)
 
 
-def forward_kl(x):
+def forward_kl(terms):
     """KL(π_ref‖π_θ) = E_{y∼π_ref}[logπ_ref(y) − logπ_θ(y)], the dataset responses taken as samples of π_ref:
     −(ρ_w + ρ_l)/2 per pair. Its gradient is that of the policy's NLL on the responses, whatever π_ref is."""
-    return -(x.rho_chosen + x.rho_rejected) / 2
+    return -(terms.rho_chosen + terms.rho_rejected) / 2
 
 
-def sft_loss(x, cfg):
-    return -x.chosen  # summed over each response's tokens; the step averages over all response tokens
+def sft_loss(terms, cfg):
+    return -terms.chosen  # summed over each response's tokens; the step averages over all response tokens
 
 
-def rm_loss(x, cfg):
+def rm_loss(terms, cfg):
     """Bradley–Terry, −log σ(r_w − r_l), plus c·(r_w + r_l)², which pins the offset that the likelihood leaves free
     (TRL's center_rewards_coefficient, Eisenstein et al. 2023)."""
-    return -F.logsigmoid(x.chosen - x.rejected) + cfg['rm_center_coef'] * (x.chosen + x.rejected) ** 2
+    return -F.logsigmoid(terms.chosen - terms.rejected) + cfg['rm_center_coef'] * (terms.chosen + terms.rejected) ** 2
 
 
-def dpo_loss(x, cfg):
-    logits, eps = cfg['beta'] * (x.rho_chosen - x.rho_rejected), cfg['label_smoothing']
+def dpo_loss(terms, cfg):
+    logits, eps = cfg['beta'] * (terms.rho_chosen - terms.rho_rejected), cfg['label_smoothing']
     return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
 
 
-def ipo_loss(x, cfg):
-    h = x.rho_chosen / x.chosen_tokens - x.rho_rejected / x.rejected_tokens if cfg['ipo_normalize'] \
-        else x.rho_chosen - x.rho_rejected
+def ipo_loss(terms, cfg):
+    h = terms.rho_chosen / terms.chosen_tokens - terms.rho_rejected / terms.rejected_tokens if cfg['ipo_normalize'] \
+        else terms.rho_chosen - terms.rho_rejected
     return (h - 1 / (2 * cfg['beta'])) ** 2
 
 
-def kto_loss(x, cfg):
-    desirable = cfg['kto_desirable_weight'] * (1 - torch.sigmoid(cfg['beta'] * (x.rho_chosen - x.kto_z)))
-    undesirable = cfg['kto_undesirable_weight'] * (1 - torch.sigmoid(cfg['beta'] * (x.kto_z - x.rho_rejected)))
+def kto_loss(terms, cfg):
+    desirable = cfg['kto_desirable_weight'] * (1 - torch.sigmoid(cfg['beta'] * (terms.rho_chosen - terms.kto_z)))
+    undesirable = cfg['kto_undesirable_weight'] * (1 - torch.sigmoid(cfg['beta'] * (terms.kto_z - terms.rho_rejected)))
     return (desirable + undesirable) / 2
 
 
-def distill_loss(x, cfg):
+def distill_loss(terms, cfg):
     """d-DPO regresses m on one Δr: a finite target where DPO's pushes m to infinity (Fisch et al. 2024)."""
-    target = x.reward_margins.mean(-1) if cfg['distill_reduce'] == 'mean' else x.reward_margins[:, 0]
-    return (cfg['beta'] * (x.rho_chosen - x.rho_rejected) - target) ** 2
+    target = terms.reward_margins.mean(-1) if cfg['distill_reduce'] == 'mean' else terms.reward_margins[:, 0]
+    return (cfg['beta'] * (terms.rho_chosen - terms.rho_rejected) - target) ** 2
 
 
-def edistill_loss(x, cfg):
+def edistill_loss(terms, cfg):
     """e-DPO keeps, of the k reward models, the one closest to the policy: the policy need only agree with one
     plausible reward model of the family, and γ·KL pulls it toward π_ref, so it moves only as far as the most
     conservative member allows (the pessimism; our reading of the paper, see README). 'batch' takes the minimum of
-    the whole loss, one member i for all pairs of the optimizer step as in the paper (x.member: closest_member);
+    the whole loss, one member i for all pairs of the optimizer step as in the paper (terms.member: closest_member);
     'example' a member per pair."""
-    errors = (cfg['beta'] * (x.rho_chosen - x.rho_rejected)[:, None] - x.reward_margins) ** 2
-    closest = errors.min(-1).values if cfg['edistill_min'] == 'example' else errors[:, x.member]
-    return closest + cfg['pessimism_gamma'] * forward_kl(x)
+    errors = (cfg['beta'] * (terms.rho_chosen - terms.rho_rejected)[:, None] - terms.reward_margins) ** 2
+    closest = errors.min(-1).values if cfg['edistill_min'] == 'example' else errors[:, terms.member]
+    return closest + cfg['pessimism_gamma'] * forward_kl(terms)
 
 
-def pdpo_loss(x, cfg):
-    return dpo_loss(x, cfg) + cfg['pessimism_gamma'] * forward_kl(x)
+def pdpo_loss(terms, cfg):
+    return dpo_loss(terms, cfg) + cfg['pessimism_gamma'] * forward_kl(terms)
 
 
 # What each loss reads besides the policy's log-probs of the chosen responses; batch_loss computes exactly that.
@@ -281,28 +281,28 @@ def batch_loss(policy, ref, batch, cfg, kto_z=None, member=None):
             ref_logps = sequence_logps(ref, batch)[0]
     outputs, tokens = (sequence_rewards(policy, batch), batch['lengths']) if spec.rm else sequence_logps(policy, batch)
     rho = chosen_rejected(outputs - ref_logps) if spec.reference else (None, None)
-    x = Terms(*chosen_rejected(outputs, spec.pairs), *rho, *chosen_rejected(tokens, spec.pairs),
+    terms = Terms(*chosen_rejected(outputs, spec.pairs), *rho, *chosen_rejected(tokens, spec.pairs),
               batch.get('reward_margins'), kto_z, member)
-    return spec.fn(x, cfg).sum(), loss_metrics(x, spec, cfg)
+    return spec.fn(terms, cfg).sum(), loss_metrics(terms, spec, cfg)
 
 
-def loss_metrics(x, spec, cfg):
+def loss_metrics(terms, spec, cfg):
     """Per-pair values to log, under TRL's names: rewards/* are the implicit rewards β·ρ."""
     if spec.rm:
-        margins = (x.chosen - x.rejected).detach()
+        margins = (terms.chosen - terms.rejected).detach()
         return {'accuracy': (margins > 0).float(), 'margin': margins}
     if not spec.reference:
-        return {'logps/chosen': x.chosen.detach()}
-    reward_w, reward_l = cfg['beta'] * x.rho_chosen.detach(), cfg['beta'] * x.rho_rejected.detach()
+        return {'logps/chosen': terms.chosen.detach()}
+    reward_w, reward_l = cfg['beta'] * terms.rho_chosen.detach(), cfg['beta'] * terms.rho_rejected.detach()
     metrics = {'rewards/chosen': reward_w, 'rewards/rejected': reward_l,
                'rewards/accuracies': (reward_w > reward_l).float(), 'rewards/margins': reward_w - reward_l,
-               'logps/chosen': x.chosen.detach(), 'logps/rejected': x.rejected.detach()}
+               'logps/chosen': terms.chosen.detach(), 'logps/rejected': terms.rejected.detach()}
     if spec.mismatched:
-        metrics['kl'] = x.kto_z.expand(len(reward_w))
-    if x.reward_margins is not None:
-        metrics['rewards/rm_margins'] = x.reward_margins.mean(-1)  # the target, averaged over reward models
+        metrics['kl'] = terms.kto_z.expand(len(reward_w))
+    if terms.reward_margins is not None:
+        metrics['rewards/rm_margins'] = terms.reward_margins.mean(-1)  # the target, averaged over reward models
     if spec.pessimism:
-        metrics['forward_kl'] = forward_kl(x).detach()
+        metrics['forward_kl'] = forward_kl(terms).detach()
     return metrics
 
 
@@ -924,7 +924,7 @@ def stop_if_not_finite(loss, grad_norm, it):
     dist.all_reduce(loss)
     if not (loss.isfinite() and grad_norm.isfinite()):
         raise SystemExit(f'error: iteration {it}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}; '
-                         'stopped before the optimizer step, so the last checkpoint holds finite weights (lr too high?)')
+                         'stopped before the optimizer step: the last checkpoint holds finite weights (lr too high?)')
 
 
 def print0(*args):  # on rank 0 only, through tqdm so that a progress bar stays intact

@@ -1,10 +1,27 @@
 """
-The data path of train_tr.py, sample.py and judge.py: preference rows from JSONL/JSON/parquet files, folders or HF
+The data path of train_tr.py, sample.py, judge.py and data/label.py: preference rows from files, folders or HF
 datasets, checked (bad rows skipped and counted), rendered (text or chat messages through the tokenizer's chat
 template), tokenized once and truncated; and the batches of the prompt-sharing layout the models read.
 
-Canonical rows are {"prompt", "chosen", "rejected"}: text, or chat-message lists. Distillation data also carries
-"reward_chosen"/"reward_rejected", one number per reward model (data/label.py writes them).
+The rules, each in the function that applies it:
+- A row is {"prompt", "chosen", "rejected"}, each text or a list of chat messages (sft needs no "rejected";
+  distillation also reads "reward_chosen"/"reward_rejected", one number per reward model, which data/label.py
+  writes). `data=` is a .jsonl, .json or .parquet file (the train split), a folder with train.* and test.*, or a HF
+  dataset name (its test split, else validation, is the held-out one). Files are UTF-8 (a byte-order mark is fine),
+  and a JSONL line ends at '\n' only.
+- Messages go through the tokenizer's chat template; a message-list response is what the template adds after the
+  prompt (TRL's rule), so prompt ids + response ids are the template's own tokens of the whole conversation. A
+  plain-text response ends with EOS (not doubled); a chat response ends where the template ends the turn.
+- A too-long pair loses the start of its prompt, keeping its last max_prompt_length tokens, then the ends of its
+  responses (the DPO repository's rule); a chat prompt first drops whole exchanges, oldest first, so that its system
+  turn and last user turn stay.
+- Bad rows are skipped and counted in one line: not JSON, missing keys, non-text, invalid Unicode, empty or
+  identical responses (also once truncated), messages without a chat template or that the template refuses, and an
+  empty prompt (with a tokenizer that adds no BOS nothing would predict the response's first token). Bad files
+  (not UTF-8, broken JSON arrays, damaged parquet, a link to nothing) and bad reward labels (missing, not numbers,
+  NaN, beyond the float range) stop the run in one `error:` line naming the file and row.
+- Fingerprints (sha256 of the files behind a path) let every output say what it was made from, and a resume or a
+  cache refuse what changed under the same path.
 """
 import hashlib
 import json

@@ -129,7 +129,8 @@ def settings_help(source, defaults):
                 if not re.match(r'\s+#', line):
                     break
                 comment.append(line.strip()[1:])
-            written[node.target.id] = ast.get_source_segment(text, node.value), ' '.join(c.strip() for c in comment if c)
+            meaning = ' '.join(c.strip() for c in comment if c)
+            written[node.target.id] = ast.get_source_segment(text, node.value), meaning
     for line in lines:  # scripts whose settings are still `defaults = dict(key=value,  # comment` lines
         settings, _, comment = line.partition('  #')
         for key, value in re.findall(r"(\w+)\s*=\s*('[^']*'|[^,\s]+)", settings if comment else ''):

@@ -11,7 +11,8 @@ evaluation or saving inside the timed steps. bfloat16 means bf16 compute over fl
 precision here, autocast in TRL).
     tiny     data/toy's SFT model (0.13M parameters) on data/toy's pairs, 8 pairs per step
     smollm2  SmolLM2-135M-Instruct (data/smollm2/prepare.py) on HH rows as chat messages that need no truncation at
-             max_length 256 (data/hh/harmless_test_first300.jsonl through data/hh/prepare.py --messages, or --hh=FILE), 4 pairs per step
+             max_length 256 (data/hh/harmless_test_first300.jsonl through data/hh/prepare.py --messages, or --hh=FILE),
+             4 pairs per step
     smollm2-lora  the same with LoRA, bfloat16 only: rank 16, alpha 32 on every attention and MLP projection, the base
              in bf16 and the adapters float32 in both. nanoTR runs TR-DPO (its reference adapters move); TRL cannot
              move a PEFT reference (its reference is the base, adapters off), so it runs plain LoRA-DPO, the closest

@@ -159,9 +159,9 @@ def test_memory_estimate_is_what_a_step_allocates(tiny_model):
 
 
 def test_lora_settings_fail_clearly():
-    for args, message in [(['--lora_rank=-1'], 'error: lora_rank must be >= 0, got -1'),
-                          (['--lora_alpha=0'], 'error: lora_alpha must be > 0, got 0.0'),
-                          (['--lora_rank=4', '--ref_from=data/toy/base'], 'error: ref_from needs lora_rank=0')]:
+    for args, message in [(['--lora_rank=-1'], 'error: lora_rank=-1: need lora_rank >= 0'),
+                          (['--lora_rank=4', '--lora_alpha=0'], 'error: lora_alpha=0.0: need lora_alpha > 0'),
+                          (['--lora_rank=4', '--ref_from=base'], "error: ref_from='base': needs lora_rank=0")]:
         with pytest.raises(SystemExit) as info:
             train_tr.get_config(args)
         assert str(info.value).startswith(message)
@@ -212,7 +212,8 @@ def test_checkpoint_loads_in_peft_transformers_and_sample(tmp_path):
             AutoModelForCausalLM.from_pretrained(REPO / 'data/tiny/sft'), out / 'adapter')(input_ids=ids).logits
         loaded = AutoModelForCausalLM.from_pretrained(out)  # the merged model, float32, no adapter applied
         assert loaded.dtype == torch.float32 and not any('lora' in n for n, _ in loaded.named_parameters())
-        torch.testing.assert_close(loaded(input_ids=ids).logits, with_adapter, atol=1e-5, rtol=0)
+        merged = loaded(input_ids=ids).logits  # W + s·B·A against W·x + s·B·(A·x): float32 sums in another order
+        torch.testing.assert_close(merged, with_adapter, atol=4e-6 * merged.abs().max().item(), rtol=0)
         base_logits = AutoModelForCausalLM.from_pretrained(REPO / 'data/tiny/sft')(input_ids=ids).logits
         assert not torch.allclose(base_logits, with_adapter, atol=1e-3)
 
@@ -244,7 +245,7 @@ def test_bf16_adapter_loads_on_the_base_as_it_trained(tmp_path):
         in_bf16 = with_adapter(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16))
         unrounded = with_adapter(AutoModelForCausalLM.from_pretrained(base))
     scale = merged.abs().max().item()
-    torch.testing.assert_close(as_trained, merged, atol=1e-6 * scale, rtol=0)
+    torch.testing.assert_close(as_trained, merged, atol=4e-6 * scale, rtol=0)  # as test_checkpoint_loads_in_peft...
     torch.testing.assert_close(in_bf16, merged, atol=2 * 2 ** -8 * scale, rtol=0)  # two bf16 ulps of the logits
     assert (unrounded - merged).abs().max() > 1e-3
 
