@@ -14,7 +14,8 @@ The rules, each in the function that applies it:
   plain-text response ends with EOS (not doubled); a chat response ends where the template ends the turn.
 - A too-long pair loses the start of its prompt, keeping its last max_prompt_length tokens, then the ends of its
   responses (the DPO repository's rule); a chat prompt first drops whole exchanges, oldest first, so that its system
-  turn and last user turn stay.
+  turn and last user turn stay. One function, fit_example, applies it for every job: training, reward labels
+  (data/label.py), reward scores of samples (judge.py) and sample.py's prompts.
 - Bad rows are skipped and counted in one line: not JSON, missing keys, non-text, invalid Unicode, empty or
   identical responses (also once truncated), messages without a chat template or that the template refuses, and an
   empty prompt (with a tokenizer that adds no BOS nothing would predict the response's first token). Bad files
