@@ -142,15 +142,19 @@ def test_sampling_smollm2_in_bf16_holds_about_its_two_bf16_models(tmp_path, smol
     GB): 1.59 GB when the float32 weights were autocast (autocast's bf16 copies beside them), 0.85 GB loaded by
     from_pretrained in bf16 (the float32 checkpoint read beside them), and a bf16 head fed the [B, 1, H] view of the
     last position expanded its weight once per row (+0.21 GB at B = 4); the goal is 0.80 GB."""
+    # VmHWM, the peak RSS of this process's memory since exec: getrusage's ru_maxrss starts a child at its parent's
+    # RSS when forked (Linux keeps the forked copy's high-water mark across exec), here the test process's
     script = f"""
-import json, os, resource, sys
+import json, sys
 sys.path.insert(0, {str(REPO)!r})
 import torch, sample
 torch.set_num_threads(1)
-before = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+def kib(key):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key + ':'))
+before = kib('VmRSS')
 sample.sample(dict(sample.defaults, init_from={str(smollm2)!r}, ref={str(smollm2)!r}, data={str(REPO / 'data/toy')!r},
                    num_prompts=4, max_new_tokens=8, dtype='bfloat16', device='cpu', out={str(tmp_path / 's.jsonl')!r}))
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+print(json.dumps((kib('VmHWM') - before) * 1024))
 """
     proc = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1'))
