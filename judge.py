@@ -14,64 +14,87 @@ from the SFT policy). Each mode prints a table; --out=F.json keeps every number.
 
 Templates: data/judge_templates/NAME.txt or a file with exactly the fields {prompt}, {a}, {b} (pairwise) or
 {prompt}, {response} (criteria); other braces are text. The API key goes to base_url only, and *** replaces it in all
-that is printed, raised or written.
+that is printed, raised or written (data/judge_client.py has the HTTP rules: proxies, retries, limits). A setting that
+does nothing in the chosen mode (reward_models with mode=pairwise, base_url with judge=hf, ...) is refused, and so is
+an output that is one of the inputs. One run at a time writes an out (out.lock); runs may share a cache, each answer
+appended whole under a lock. Ctrl-C stops at once, in one line; the answers received are in the cache, and the same
+command continues from them.
 """
+import fcntl
 import json
 import os
+import queue
 import random
 import re
 import sys
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from contextlib import nullcontext
 from pathlib import Path
 
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from sample import drop_partial_line, generate
-from data.judge_client import http_answer, redact
+from data.judge_client import http_answer, redact, redact_url
 from data.label import load_reward_models, reward_model_names, rewards
-from data.pairs import jsonl_lines, padding_id, read_jsonl, read_text, tokenize_prompt
-from data.pairs import check_model_path
-from data.settings import AT_LEAST_1, DEVICES, NOT_NEGATIVE, parse_overrides
-from data.settings import check_values as check_settings, choice as one_of
+from data.pairs import (check_model_path, fingerprint, fit_example, input_paths, is_messages, jsonl_lines,
+                        load_tokenizer, padding_id, read_jsonl, read_text, tokenize_prompt)
+from data.settings import (NOT_A_FOLDER, PROMPT_FITS, OutputLock, check_outputs, check_settings, defaults_of, need,
+                           one_of, parse_overrides)
 from train_tr import load_model, resolve_device
 
-defaults = dict(
-    mode='pairwise',        # pairwise | criteria | reward
-    a='', b='',             # pairwise: sample files (sample.py output) of systems A and B; the win rate is A's
-    files='',               # criteria, reward: comma-separated sample files
-    template='',            # data/judge_templates/NAME.txt or a file path; '' = hh (pairwise), criteria (criteria)
-    judge='http',           # http: OpenAI-compatible chat-completions endpoint | hf: local HF causal LM
-    judge_model='gpt-4o',   # http: the endpoint's model name; hf: HF directory or hub name
-    base_url='https://api.openai.com/v1',  # http: the OpenAI-compatible endpoint
-    api_key_env='OPENAI_API_KEY',  # http: the environment variable holding the key (never printed or written)
-    max_tokens=256,         # length of the judge's answer
-    timeout=60.0,           # seconds per HTTP request, all of it: connecting, sending, the whole answer
-    retries=5,              # after a 429, a 5xx, a timeout, a dropped connection or a malformed answer
-    backoff=1.0,            # seconds before the first retry; doubles every retry
-    concurrency=4,          # HTTP requests in flight
-    cache='judge_cache.jsonl',  # judge answers, so that a rerun asks nothing twice; '' = no cache
-    bootstrap=1000,         # resamples of the prompts for the 95% confidence intervals
-    seed=1337,              # response order shown to the judge, and the bootstrap
-    reward_models='',       # reward: comma-separated HF reward models (sequence classifiers, one output)
-    batch_size=16,          # sequences per forward pass of a local model (reward models, hf judge)
-    max_length=128, max_prompt_length=64,  # reward models: tokens of prompt + response, truncated as in training
-    device='auto',          # auto | cpu | cuda
-    out='',                 # JSON of every number (pairwise, criteria: verdicts JSONL beside it)
-)
+# -----------------------------------------------------------------------------
+# settings: a setting a line, `name: its check = default  # meaning` (data/settings.py), checked before any file is
+# read or request sent; with only=, another value than the default is refused where the setting does nothing
+LLM_JUDGE = "mode != 'reward'"                  # pairwise and criteria ask an LLM judge; reward runs reward models
+HTTP_JUDGE = f"{LLM_JUDGE} and judge == 'http'"
+LOCAL_MODELS = "mode == 'reward' or judge == 'hf'"
+REWARD = "mode == 'reward'"
+mode: one_of('pairwise', 'criteria', 'reward') = 'pairwise'  # pairwise | criteria | reward
+a: need(only="mode == 'pairwise'") = ''         # pairwise: sample file (sample.py output) of system A, whose win
+                                                # rate is reported
+b: need(only="mode == 'pairwise'") = ''         # pairwise: sample file of system B
+files: need(only="mode != 'pairwise'") = ''     # criteria, reward: comma-separated sample files
+template: need(only=LLM_JUDGE) = ''             # data/judge_templates/NAME.txt or a file path; '' = hh (pairwise),
+                                                # criteria (criteria)
+judge: one_of('http', 'hf', only=LLM_JUDGE) = 'http'  # http: OpenAI-compatible chat-completions endpoint | hf: local
+                                                # HF causal LM
+judge_model: need(only=LLM_JUDGE) = 'gpt-4o'    # http: the endpoint's model name; hf: HF directory or hub name
+base_url: need(only=HTTP_JUDGE) = 'https://api.openai.com/v1'  # the OpenAI-compatible endpoint (http:// or https://,
+                                                # no user, query or fragment)
+api_key_env: need(only=HTTP_JUDGE) = 'OPENAI_API_KEY'  # the environment variable holding the key (never printed or
+                                                # written)
+max_tokens: need('max_tokens >= 1', only=LLM_JUDGE) = 256  # length of the judge's answer
+timeout: need('timeout > 0', only=HTTP_JUDGE) = 60.0  # seconds per HTTP request, all of it: connecting, sending, the
+                                                # whole answer
+retries: need('retries >= 0', only=HTTP_JUDGE) = 5  # after a 429, a 5xx, a timeout, a dropped connection or a
+                                                # malformed answer; a Retry-After is waited for within the backoff's
+                                                # total, backoff·(2^retries − 1) seconds
+backoff: need('backoff >= 0', only=HTTP_JUDGE) = 1.0  # seconds before the first retry; doubles every retry
+concurrency: need('concurrency >= 1', only=HTTP_JUDGE) = 4  # HTTP requests in flight
+cache: NOT_A_FOLDER._replace(only=LLM_JUDGE) = 'judge_cache.jsonl'  # judge answers, so that a rerun asks nothing
+                                                # twice (runs may share it); '' = no cache
+bootstrap: need('bootstrap >= 1') = 1000        # resamples of the prompts for the 95% confidence intervals
+seed: need('0 <= seed < 2**64') = 1337          # response order shown to the judge, and the bootstrap
+reward_models: need(only=REWARD) = ''           # reward: comma-separated HF reward models (sequence classifiers, one
+                                                # output)
+batch_size: need('batch_size >= 1', only=LOCAL_MODELS) = 16  # sequences per forward pass of a local model (reward
+                                                # models, hf judge)
+max_length: need('max_length >= 1', only=REWARD) = 128  # reward models: tokens of prompt + response, truncated as in
+                                                # training
+max_prompt_length: PROMPT_FITS._replace(only=REWARD) = 64  # reward models: tokens of the prompt, as in training
+device: one_of('auto', 'cpu', 'cuda', only=LOCAL_MODELS) = 'auto'  # auto | cpu | cuda
+out: NOT_A_FOLDER = ''                          # JSON of every number (pairwise, criteria: verdicts JSONL beside it)
+defaults = defaults_of(globals())
 CRITERIA = ('coherence', 'correctness', 'level of detail', 'helpfulness', 'harmlessness')
 NEEDS = {'pairwise': ('a', 'b'), 'criteria': ('files',), 'reward': ('files', 'reward_models')}  # each mode's inputs
 FIELDS = {'pairwise': ['a', 'b', 'prompt'], 'criteria': ['prompt', 'response']}  # of each mode's template, sorted
-NOT_A_FOLDER = (lambda v: not v or not Path(v).is_dir(), 'a file path, not a folder')
-VALID = {  # setting: (test of its value, what it must be); checked before any file is read or request sent
-    'mode': one_of(*NEEDS), 'judge': one_of('http', 'hf'), 'device': one_of(*DEVICES), 'out': NOT_A_FOLDER,
-    'base_url': (lambda v: re.fullmatch(r'https?://([\w.-]+|\[[\w:.%]+\])(:\d{1,5})?(/[^?#\s]*)?', v),
-                 'an http:// or https:// URL without user, query or fragment'), 'cache': NOT_A_FOLDER,
-    'timeout': (lambda v: v > 0, '> 0'), **dict.fromkeys(('retries', 'backoff'), NOT_NEGATIVE),
-    **dict.fromkeys(('bootstrap', 'concurrency', 'max_tokens', 'batch_size', 'max_length'), AT_LEAST_1),
-}
+BASE_URL = re.compile(r'https?://([\w.-]+|\[[\w:.%]+\])(:\d{1,5})?(/[^?#\s]*)?')  # no user, query or fragment
+
+
+def asks(cfg):  # LLM_JUDGE: an LLM judge answers (pairwise, criteria)
+    return cfg['mode'] != 'reward'
 
 
 def parse_verdict(answer):
@@ -90,8 +113,7 @@ def parse_scores(answer):
 
 def hf_answers(prompts, cfg):
     """The answer to each prompt from a local causal LM: greedy, through its chat template if it has one."""
-    check_model_path(cfg['judge_model'], 'judge_model')
-    tokenizer = AutoTokenizer.from_pretrained(cfg['judge_model'])
+    tokenizer = load_tokenizer(cfg['judge_model'], 'judge_model')
     model = load_model(cfg['judge_model']).to(resolve_device(cfg['device'])).eval()
     if tokenizer.chat_template:
         prompts = [tokenizer.apply_chat_template([{'role': 'user', 'content': p}], tokenize=False,
@@ -102,22 +124,64 @@ def hf_answers(prompts, cfg):
             yield tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def in_threads(function, items, n):
+    """function(item) of each item, in order, from n daemon threads. Ctrl-C and a failure end the run at once: a
+    ThreadPoolExecutor's threads are joined at exit, so an interrupted run waited for every request in flight (47 s).
+    Closing the generator cancels the items no thread has started."""
+    jobs, futures = queue.SimpleQueue(), [Future() for _ in items]
+    for job in zip(items, futures):
+        jobs.put(job)
+
+    def work():
+        while True:
+            try:
+                item, future = jobs.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(item))
+                except BaseException as e:  # SystemExit too: raised in the main thread by result()
+                    future.set_exception(e)
+    for _ in range(min(n, len(items))):
+        threading.Thread(target=work, daemon=True).start()
+    try:
+        for future in futures:
+            yield future.result()
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def append_line(cache, line):
+    """Appends a whole line under an exclusive flock of the cache: runs that share a cache write one line at a time."""
+    fcntl.flock(cache, fcntl.LOCK_EX)
+    try:
+        cache.write(line)
+        cache.flush()
+    finally:
+        fcntl.flock(cache, fcntl.LOCK_UN)
+
+
 def ask(prompts, cfg):
     """The judge's answer to each prompt, from the cache or else from the judge (and at once into the cache), keyed by
-    what it depends on; cache lines that are no {key, answer} of text are ignored. Answers and errors leave redacted."""
+    what it depends on: an HTTP judge's model name and server, a local judge's files (its fingerprint, so a model
+    retrained at the same path is asked again); cache lines that are no {key, answer} of text are ignored. Answers
+    and errors leave redacted."""
+    judged_by = [cfg['base_url']] if cfg['judge'] == 'http' else [fingerprint(cfg['judge_model'])]
+
     def key(prompt):
-        return json.dumps([cfg['judge'], cfg['judge_model'], cfg['max_tokens'], prompt]
-                          + ([cfg['base_url']] if cfg['judge'] == 'http' else []))
+        return json.dumps([cfg['judge'], cfg['judge_model'], cfg['max_tokens'], prompt, *judged_by])
     path = cfg['cache'] or os.devnull
     cached = {r['key']: r['answer'] for r in read_jsonl(path)
               if isinstance(r, dict) and isinstance(r.get('key'), str) and isinstance(r.get('answer'), str)}
     todo = sorted({p for p in prompts if key(p) not in cached})
     if todo and cfg['judge'] == 'http' and 'api.openai.com' in cfg['base_url'] \
-            and not os.environ.get(cfg['api_key_env']):
+            and not os.environ.get(cfg['api_key_env'], '').strip():
         raise SystemExit(f"error: {cfg['api_key_env']} is not set: the judge at {cfg['base_url']} needs an API key "
                          '(or use --base_url= a local server, or --judge=hf)')
-    drop_partial_line(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if cfg['cache']:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     failed = threading.Event()  # a failure that stops the run: requests not yet sent are not sent
 
     def answer(prompt):  # after a failure: None, never read, as the failure of an earlier prompt is raised first
@@ -126,20 +190,24 @@ def ask(prompts, cfg):
         except SystemExit:
             failed.set()
             raise
-    pool = ThreadPoolExecutor(cfg['concurrency'])
     try:
         with open(path, 'a') as cache:
+            if cfg['cache']:  # a line cut short by a kill is dropped, under the lock: another run may be appending
+                fcntl.flock(cache, fcntl.LOCK_EX)
+                drop_partial_line(path)
+                fcntl.flock(cache, fcntl.LOCK_UN)
             # http: `concurrency` requests at a time, in order; hf: a generator, not started if zip finds todo empty
-            answers = pool.map(answer, todo) if cfg['judge'] == 'http' else hf_answers(todo, cfg)
+            answers = in_threads(answer, todo, cfg['concurrency']) if cfg['judge'] == 'http' else hf_answers(todo, cfg)
             desc = f'judging ({len(prompts) - len(todo)} of {len(prompts)} cached)'
-            for prompt, answer in zip(todo, tqdm(answers, desc, total=len(todo), dynamic_ncols=True)):
-                cached[key(prompt)] = redact(answer, cfg)
-                cache.write(json.dumps({'key': key(prompt), 'answer': cached[key(prompt)]}) + '\n')
-                cache.flush()
+            try:  # the bar is closed also when interrupted, so that the error line starts a line of its own
+                with tqdm(answers, desc, total=len(todo), dynamic_ncols=True) as bar:
+                    for prompt, answer in zip(todo, bar):
+                        cached[key(prompt)] = redact(answer, cfg)
+                        append_line(cache, json.dumps({'key': key(prompt), 'answer': cached[key(prompt)]}) + '\n')
+            finally:
+                answers.close()
     except SystemExit as e:
         raise SystemExit(redact(str(e), cfg)) from None
-    finally:
-        pool.shutdown(cancel_futures=True)
     return [redact(cached[key(p)], cfg) for p in prompts]
 
 
@@ -160,7 +228,7 @@ def mean_ci(values, prompts, cfg):
 
 def read_samples(path):
     """The rows of a sample.py file. A missing file, a line that is not JSON, or a row without text `prompt` and
-    `completion` stops the run, naming the file and line."""
+    `completion` (or with prompt_messages that are no chat messages) stops the run, naming the file and line."""
     if not Path(path).is_file():
         raise SystemExit(f'error: sample file not found: {path}')
     rows = []
@@ -173,6 +241,8 @@ def read_samples(path):
             if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ('prompt', 'completion')):
                 raise SystemExit(f'error: {path} line {number} has no text "prompt" and "completion" (sample.py '
                                  'writes both)')
+            if row.get('prompt_messages') is not None and not is_messages(row['prompt_messages']):
+                raise SystemExit(f'error: {path} line {number} has prompt_messages that are not chat messages')
             rows.append(row)
     if not rows:
         raise SystemExit(f'error: {path} holds no samples')
@@ -244,11 +314,32 @@ def criteria(cfg, fill):
             for r in per_file(cfg, verdicts, CRITERIA)], verdicts
 
 
+def sample_ids(model, row, cfg):
+    """[prompt ids, response ids] of a sample as a reward model reads it: the sampled conversation (prompt_messages,
+    which sample.py writes for chat prompts) and the completion as an assistant message, rendered with the reward
+    model's own chat template, else (text prompts, older sample files, a reward model without a template) the prompt
+    text as sampled and the completion; fitted by the trainer's rule (data/pairs.py fit_example) with this one
+    response: its prompt is cut when it and this response exceed max_length, where label.py cuts a pair's prompt by
+    the longer of its two responses. An empty completion is scored too (as EOS alone): a policy's empty answers
+    count."""
+    name, _, tokenizer, turn_end = model
+    prompt, response = row['prompt'], row['completion']
+    if row.get('prompt_messages') and tokenizer.chat_template:
+        prompt, response = row['prompt_messages'], [{'role': 'assistant', 'content': response}]
+    try:
+        return fit_example(tokenizer, prompt, [response], cfg['max_length'], cfg['max_prompt_length'], turn_end).ids
+    except Exception as e:  # a template that refuses the conversation
+        raise SystemExit(f"error: {row['file']}: the chat template of reward model {name} refuses the sample of "
+                         f"index {row.get('index')}: {type(e).__name__}: {' '.join(str(e).split())}")
+
+
 def reward(cfg, fill):
     rows = [dict(row, file=f) for f in sample_files(cfg) for row in read_samples(f)]  # before the models: fail fast
-    scores = rewards(load_reward_models(cfg), [r['prompt'] for r in rows], [r['completion'] for r in rows], cfg)
+    models = load_reward_models(cfg)
+    scores = rewards(models, [[sample_ids(model, row, cfg) for model in models] for row in rows], cfg)
     names = reward_model_names(cfg)
-    return per_file(cfg, [dict(r, scores=dict(zip(names, s))) for r, s in zip(rows, zip(*scores))], names), None
+    return per_file(cfg, [dict(r, scores={n: s for n, (s,) in zip(names, per_model)})
+                          for r, per_model in zip(rows, scores)], names), None
 
 
 def report(cfg, results, verdicts=None):
@@ -265,16 +356,27 @@ def report(cfg, results, verdicts=None):
         Path(cfg['out']).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg['out']).write_text(json.dumps({'config': cfg, 'results': results}, indent=2) + '\n')
         if verdicts is not None:
-            Path(cfg['out']).with_suffix('.verdicts.jsonl').write_text(''.join(json.dumps(v) + '\n' for v in verdicts))
+            verdicts_path(cfg).write_text(''.join(json.dumps(v) + '\n' for v in verdicts))
+
+
+def verdicts_path(cfg):
+    return Path(cfg['out']).with_suffix('.verdicts.jsonl')
+
+
+def lock_out(cfg):
+    """An exclusive lock on out while the run lasts (out.lock; nothing when out=''): two runs would write one file."""
+    return OutputLock(f"{cfg['out']}.lock", cfg['out'], 'out') if cfg['out'] else nullcontext()
 
 
 def check_config(cfg):
-    """Every setting, the mode's inputs and its template, before any file is read or request sent. Returns the
-    template's fill(**fields): each {field} replaced, other braces left as text (str.format would fail on them)."""
-    check_settings(cfg, VALID)
+    """Every setting, the mode's inputs and its template, and that no output is an input, before any file is read or
+    request sent. Returns the template's fill(**fields): each {field} replaced, other braces left as text
+    (str.format would fail on them)."""
+    if not BASE_URL.fullmatch(cfg['base_url']):  # first, and printed without what a user or query part may hold
+        raise SystemExit('error: base_url must be an http:// or https:// URL without user, query or fragment, got '
+                         f"{redact_url(cfg['base_url'])!r}")
+    check_settings(cfg, globals())
     mode, missing = cfg['mode'], [k + '=' for k in NEEDS[cfg['mode']] if not cfg[k].strip(',')]
-    if not 0 < cfg['max_prompt_length'] < cfg['max_length']:
-        raise SystemExit('error: need 0 < max_prompt_length < max_length')
     if missing:
         raise SystemExit(f"error: mode={mode} needs {' and '.join(missing)} (sample files: sample.py's --out=; "
                          'python judge.py --help lists every setting)')
@@ -282,6 +384,16 @@ def check_config(cfg):
     path = Path(name) if Path(name).is_file() else Path(__file__).parent / 'data/judge_templates' / f'{name}.txt'
     if mode in FIELDS and not path.is_file():
         raise SystemExit(f'error: template={name}: neither a file nor {path}')
+    judge_model = cfg['judge_model'] if asks(cfg) and cfg['judge'] == 'hf' else ''
+    check_outputs([('out', cfg['out']), ('out', cfg['out'] and str(verdicts_path(cfg)) if asks(cfg) else ''),
+                   ('cache', cfg['cache'] if asks(cfg) else '')],
+                  [input_paths('a', cfg['a']), input_paths('b', cfg['b']),
+                   *(input_paths('files', f) for f in sample_files(cfg)),
+                   input_paths('template', str(path) if mode in FIELDS else ''),
+                   input_paths('judge_model', judge_model),
+                   *(input_paths('reward_models', m) for m in reward_model_names(cfg))])
+    if judge_model:
+        check_model_path(judge_model, 'judge_model', reward_model=False)
     template = read_text(path) if mode in FIELDS else ''
     found = sorted(set(re.findall(r'\{(\w+)\}', template)))
     if mode in FIELDS and found != FIELDS[mode]:
@@ -290,12 +402,20 @@ def check_config(cfg):
     return lambda **fields: re.sub(r'\{(\w+)\}', lambda m: fields[m[1]], template)
 
 
-def judge(cfg):
+def evaluate(cfg):
+    """The mode's results (printed, and with out= written), after every check."""
     fill = check_config(cfg)
-    results, verdicts = {'pairwise': pairwise, 'criteria': criteria, 'reward': reward}[cfg['mode']](cfg, fill)
-    report(cfg, results, verdicts)
+    with lock_out(cfg):
+        results, verdicts = {'pairwise': pairwise, 'criteria': criteria, 'reward': reward}[cfg['mode']](cfg, fill)
+        report(cfg, results, verdicts)
     return results
 
 
 if __name__ == '__main__':
-    judge(parse_overrides(sys.argv[1:], defaults, __file__))
+    config = parse_overrides(sys.argv[1:], defaults, __file__)
+    try:
+        evaluate(config)
+    except KeyboardInterrupt:  # Ctrl-C: one line at once; requests in flight end with the process
+        kept = f"the answers received are kept in {config['cache']}: rerun the same command to continue from them" \
+            if config['cache'] and asks(config) else 'nothing is kept'
+        raise SystemExit(f'error: interrupted; {kept}')

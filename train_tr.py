@@ -62,7 +62,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data.pairs import (RUN_STATE, check_model_path, fingerprint, layout, load_pairs, load_tokenizer,
+from data.pairs import (RUN_STATE, check_model_path, check_vocabulary, fingerprint, layout, load_pairs, load_tokenizer,
                         make_batch, note_evaluation, padding_id, read_jsonl, sha256, step_pair_indices, truncate)
 from data.settings import (DEVICE, PROMPT_FITS, RESUMABLE, check_settings, declared, defaults_of, need, one_of,
                            parse_overrides)
@@ -947,9 +947,7 @@ def load_data(cfg, master, global_micro):
         if cfg[key]:
             check_model_path(cfg[key], key, reward_model=None if LOSSES[cfg['loss']].rm else False)
     tokenizer = load_tokenizer(cfg['init_from'], 'init_from')
-    if cfg['ref_from'] and load_tokenizer(cfg['ref_from'], 'ref_from').get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"error: ref_from={cfg['ref_from']} has another vocabulary than init_from: log-ratios of the "
-                         'same token ids would compare different text')
+    check_vocabulary(tokenizer, cfg['ref_from'], 'ref_from')
     limit = getattr(AutoConfig.from_pretrained(cfg['init_from']), 'max_position_embeddings', None) or math.inf
     if cfg['max_length'] > limit:
         raise SystemExit(f"error: max_length={cfg['max_length']} is over the {limit} positions of {cfg['init_from']}")

@@ -14,7 +14,8 @@ The rules, each in the function that applies it:
   plain-text response ends with EOS (not doubled); a chat response ends where the template ends the turn.
 - A too-long pair loses the start of its prompt, keeping its last max_prompt_length tokens, then the ends of its
   responses (the DPO repository's rule); a chat prompt first drops whole exchanges, oldest first, so that its system
-  turn and last user turn stay.
+  turn and last user turn stay. One function, fit_example, applies it for every job: training, reward labels
+  (data/label.py), reward scores of samples (judge.py) and sample.py's prompts.
 - Bad rows are skipped and counted in one line: not JSON, missing keys, non-text, invalid Unicode, empty or
   identical responses (also once truncated), messages without a chat template or that the template refuses, and an
   empty prompt (with a tokenizer that adds no BOS nothing would predict the response's first token). Bad files
@@ -45,15 +46,28 @@ def sha256(path):
     return digest.hexdigest()
 
 
+def fingerprinted_files(source, splits=False):
+    """The files whose bytes fingerprint(source, splits) reads (none for a hub name)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    return sorted(
+        f for f in path.iterdir() if f.is_file() and f.name not in RUN_STATE and not f.name.startswith('.')
+        and (not splits or f.stem in ('train', 'test') and f.suffix.lower() in DATA_SUFFIXES)) if path.is_dir() else []
+
+
+def input_paths(setting, source, splits=False):
+    """(setting, source, paths a run reads from it: the source and fingerprinted_files) for data/settings.py
+    check_outputs; '' reads nothing."""
+    return setting, source, [source, *fingerprinted_files(source, splits)] if source else []
+
+
 def fingerprint(source, splits=False):
     """A short sha256 of what a path holds, so that an output made from it can tell when it changed: a file's bytes,
     or a folder's top-level files (names and bytes; hidden files and the run state beside a model left out; with
     splits=True only the data files of its splits, train.* and test.*). Anything else, a hub name, is taken by its
     name."""
-    path = Path(source).expanduser()
-    files = [path] if path.is_file() else sorted(
-        f for f in path.iterdir() if f.is_file() and f.name not in RUN_STATE and not f.name.startswith('.')
-        and (not splits or f.stem in ('train', 'test') and f.suffix.lower() in DATA_SUFFIXES)) if path.is_dir() else []
+    files = fingerprinted_files(source, splits)
     digest = hashlib.sha256(b'' if files else f'name:{source}'.encode())
     for f in files:
         digest.update(f'{f.name}:{sha256(f)}\n'.encode())
@@ -185,6 +199,14 @@ def load_tokenizer(name, setting):
     return tokenizer
 
 
+def check_vocabulary(tokenizer, name, setting):
+    """Stops in one line when the model `name` (a reference; '' is none) has another vocabulary than init_from's
+    tokenizer: its log-probs of the same token ids would be those of other text."""
+    if name and load_tokenizer(name, setting).get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f'error: {setting}={name} has another vocabulary than init_from: its log-probs of the same '
+                         'token ids would be those of other text (log-ratios and KL would compare different text)')
+
+
 def is_messages(value):
     return (isinstance(value, list) and len(value) > 0 and all(
         isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str) for m in value))
@@ -202,6 +224,14 @@ def render_response(tokenizer, prompt, prompt_text, response):
 
 class ChatTemplateMismatch(ValueError):
     pass
+
+
+def render(tokenizer, prompt, responses):
+    """(prompt_text, [response_text, ...]) of a prompt and responses, each text or chat messages; raises what the
+    chat template raises (Llama-2's and Mistral's: roles that do not alternate) and ChatTemplateMismatch."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) \
+        if isinstance(prompt, list) else prompt
+    return prompt_text, [render_response(tokenizer, prompt, prompt_text, r) for r in responses]
 
 
 def is_valid_unicode(text):
@@ -224,10 +254,8 @@ def render_row(row, tokenizer, need_rejected=True):
         return 'non-text field'
     if isinstance(prompt, list) and not tokenizer.chat_template:
         return 'messages without a chat template'
-    try:  # templates raise on what they do not take (Llama-2's and Mistral's: roles that do not alternate)
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) \
-            if isinstance(prompt, list) else prompt
-        texts = [render_response(tokenizer, prompt, prompt_text, r) for r in responses]
+    try:
+        prompt_text, texts = render(tokenizer, prompt, responses)
     except ChatTemplateMismatch:
         return 'chat template mismatch'
     except Exception:
@@ -289,42 +317,90 @@ def truncate(prompt_ids, responses, max_length, max_prompt_length):
     return prompt_ids, [r[:max_length - len(prompt_ids)] for r in responses]
 
 
-def without_oldest_exchange(messages):
-    """The conversation minus its first user turn and the assistant turns that answer it (system turns stay), or
-    None when only one user turn is left."""
+def without_oldest_exchange(messages, k=1):
+    """The conversation minus its k first user turns and the assistant turns that answer them (system turns before
+    the first user turn stay), or None when fewer than k + 1 user turns are left."""
     users = [i for i, m in enumerate(messages) if m['role'] == 'user']
-    if len(users) < 2:
+    if len(users) < k + 1:
         return None
-    return messages[:users[0]] + messages[users[1]:]
+    return messages[:users[0]] + messages[users[k]:]
 
 
 # A tokenized example: prompt and response ids (int32; rejected is None for sft), and for reward-labelled data the
 # margins Δr_i = r_i(y_w) − r_i(y_l) of its k reward models.
 Pair = namedtuple('Pair', 'prompt chosen rejected reward_margins', defaults=(None, None))
+# An example fitted to max_length: the prompt kept (a chat prompt without the exchanges it dropped), its text, and the
+# token ids [prompt, *responses] after truncation.
+Fitted = namedtuple('Fitted', 'prompt prompt_text ids')
+
+
+def fit_example(tokenizer, prompt, responses, max_length, max_prompt_length, turn_end='', rendered=None):
+    """The one truncation rule of every script (training, reward labels, reward scoring, the prompts of sample.py),
+    as a Fitted example. Prompt and responses are text or chat messages. When the prompt and its longest response
+    exceed max_length, a chat prompt drops whole exchanges, oldest first, until the prompt is within
+    max_prompt_length or the whole example fits, so that its system turn, the template's opening and its last user
+    turn stay intact (cutting tokens off its start would drop those); then truncate() cuts what is still too long:
+    the prompt's start (a last user turn that alone is over max_prompt_length is cut like text), then the responses'
+    ends. Raises what the chat template raises. `rendered`: render(tokenizer, prompt, responses), if the caller has it.
+
+    The number of exchanges to drop is the smallest that fits (prompts only shrink as exchanges go): found by an
+    exponential search from the last exchange, then bisection, so a long conversation costs a few renders of its
+    kept end, not one render per dropped exchange (2,000 exchanges took 98 s that way)."""
+    def encode(k):  # the example with its k oldest exchanges dropped
+        kept = without_oldest_exchange(prompt, k) if k else prompt
+        prompt_text, texts = rendered if rendered and not k else render(tokenizer, kept, responses)
+        return Fitted(kept, prompt_text, list(tokenize_pair(tokenizer, prompt_text, *texts, *[None] * (2 - len(texts)),
+                                                            max_length=10**9, max_prompt_length=10**9,
+                                                            turn_end=turn_end)))
+
+    def too_long(fitted):
+        prompt_ids, *response_ids = fitted.ids
+        return len(prompt_ids) + max(map(len, response_ids)) > max_length and len(prompt_ids) > max_prompt_length
+    fitted = encode(0)
+    if isinstance(prompt, list) and too_long(fitted):
+        tried = {0: fitted}
+        low, high = 0, sum(m['role'] == 'user' for m in prompt) - 1  # too long / the most that can go (or fits)
+        step = 1
+        while high - step > low:  # back from the end until an example is too long
+            tried[high - step] = encode(high - step)
+            if too_long(tried[high - step]):
+                low = high - step
+                break
+            high, step = high - step, step * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            tried[middle] = encode(middle)
+            low, high = (middle, high) if too_long(tried[middle]) else (low, middle)
+        fitted = tried.get(high) or encode(high)
+    prompt_ids, responses_ids = truncate(fitted.ids[0], fitted.ids[1:], max_length, max_prompt_length)
+    return fitted._replace(ids=[prompt_ids, *responses_ids])
+
+
+def fit_row(row, tokenizer, max_length, max_prompt_length, need_rejected=True, turn_end=''):
+    """A usable row as a Fitted example (fit_example's rule), or a short reason why it is unusable: render_row's,
+    an empty prompt, or responses identical after truncation."""
+    texts = render_row(row, tokenizer, need_rejected)
+    if isinstance(texts, str):
+        return texts
+    responses = [row['chosen'], row['rejected']] if need_rejected else [row['chosen']]
+    try:  # the template took the whole conversation; a shorter one it could still refuse
+        fitted = fit_example(tokenizer, row['prompt'], responses, max_length, max_prompt_length, turn_end,
+                             rendered=(texts[0], [t for t in texts[1:] if t is not None]))
+    except ChatTemplateMismatch:
+        return 'chat template mismatch'
+    except Exception:
+        return 'chat template error'
+    if not fitted.ids[0]:  # a tokenizer without BOS gives an empty prompt no token to predict the response's first from
+        return 'empty prompt'
+    if need_rejected and fitted.ids[1] == fitted.ids[2]:  # chosen == rejected: nothing left to prefer
+        return 'identical after truncation'
+    return fitted
 
 
 def encode_row(row, tokenizer, max_length, max_prompt_length, need_rejected=True, turn_end=''):
-    """(prompt_text, token ids) of a row, or why it is unusable. A pair longer than max_length is truncated; a chat
-    prompt first loses whole exchanges, oldest first, so that its system turn, the template's opening and its last
-    user turn stay intact (cutting tokens off its start, as for text, would drop those); only a last user turn that
-    alone is over max_prompt_length is cut like text."""
-    while True:
-        texts = render_row(row, tokenizer, need_rejected)
-        if isinstance(texts, str):
-            return texts
-        prompt_ids, *responses = tokenize_pair(tokenizer, *texts, max_length=10**9, max_prompt_length=10**9,
-                                               turn_end=turn_end)
-        too_long = len(prompt_ids) + max(map(len, responses)) > max_length and len(prompt_ids) > max_prompt_length
-        shorter = without_oldest_exchange(row['prompt']) if too_long and isinstance(row['prompt'], list) else None
-        if shorter is None:
-            break
-        row = dict(row, prompt=shorter)
-    if not prompt_ids:  # a tokenizer without BOS gives an empty prompt no token to predict the response's first from
-        return 'empty prompt'
-    prompt_ids, responses = truncate(prompt_ids, responses, max_length, max_prompt_length)
-    if need_rejected and responses[0] == responses[1]:  # chosen == rejected: nothing left to prefer
-        return 'identical after truncation'
-    return texts[0], [prompt_ids, *responses]
+    """(prompt_text, token ids) of a usable row, fitted by fit_row, or why it is unusable."""
+    fitted = fit_row(row, tokenizer, max_length, max_prompt_length, need_rejected, turn_end)
+    return fitted if isinstance(fitted, str) else (fitted.prompt_text, fitted.ids)
 
 
 def reward_margins(row, name, index, k):
@@ -352,8 +428,9 @@ def reward_margins(row, name, index, k):
 
 def load_pairs(source, split, tokenizer, max_length, max_prompt_length, need_rejected=True, verbose=True,
                required=True, need_rewards=False, texts=False):
-    """The split's usable rows tokenized once, as Pairs (with texts=True, (prompt_text, Pair) tuples); bad rows are
-    skipped and counted. A missing split is an error, or None when not required (the held-out split)."""
+    """The split's usable rows tokenized once, as Pairs (with texts=True, (prompt, prompt_text, Pair) tuples: the prompt
+    kept, a chat prompt without the exchanges it dropped, and its text); bad rows are skipped and counted. A missing
+    split is an error, or None when not required (the held-out split)."""
     rows, name = read_rows(source, split)
     if rows is None:
         if required:
@@ -364,14 +441,14 @@ def load_pairs(source, split, tokenizer, max_length, max_prompt_length, need_rej
         return None
     pairs, skipped, turn_end, k = [], Counter(), end_of_turn(tokenizer), None
     for index, row in enumerate(rows):
-        result = encode_row(row, tokenizer, max_length, max_prompt_length, need_rejected, turn_end)
-        if isinstance(result, str):
-            skipped[result] += 1
+        fitted = fit_row(row, tokenizer, max_length, max_prompt_length, need_rejected, turn_end)
+        if isinstance(fitted, str):
+            skipped[fitted] += 1
             continue
         margins = reward_margins(row, name, index, k) if need_rewards else None
         k = len(margins) if margins else None
-        pair = Pair(*(torch.tensor(ids, dtype=torch.int32) for ids in result[1]), reward_margins=margins)
-        pairs.append((result[0], pair) if texts else pair)
+        pair = Pair(*(torch.tensor(ids, dtype=torch.int32) for ids in fitted.ids), reward_margins=margins)
+        pairs.append((fitted.prompt, fitted.prompt_text, pair) if texts else pair)
     if verbose:
         why = ', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))
         skip_note = f' (skipped {sum(skipped.values()):,} rows: {why})' if skipped else ''

@@ -6,10 +6,12 @@ annotated module-level globals, one line each, the way nanoGPT's config block re
 
 the name, its check (need below; a plain `str` or `bool` annotation checks nothing), the default and, after `#`, what
 it means (--help prints that comment and any comment lines right below it). Config files and --key=value arguments
-override the defaults, and every value is checked before any work starts.
+override the defaults, and every value is checked before any work starts. And the rules of every script's outputs:
+none is one of its inputs (check_outputs), and one run at a time writes it (OutputLock).
 """
 import ast
 import difflib
+import fcntl
 import importlib.util
 import math
 import os
@@ -141,20 +143,72 @@ def settings_help(source, defaults):
                       *(f'  {flag:<{width}}  {meaning}'.rstrip() for flag, meaning in rows)])
 
 
-# TRANSITION: the (test, what it must be) tables of sample.py, judge.py and data/label.py until they declare their
-# settings as annotated globals
-AT_LEAST_1, NOT_NEGATIVE = (lambda v: v >= 1, '>= 1'), (lambda v: v >= 0, '>= 0')
-DEVICES = ('auto', 'cpu', 'cuda')
+def check_outputs(outputs, inputs):
+    """Stops in one line, before any work, when a run would write over what it reads: an output path (resolved) that
+    is an input path, or two outputs that are one file. outputs: (setting, path); inputs: (setting, value given,
+    paths it reads: the value itself and, for a folder, its files, data/pairs.py input_paths); '' is no path."""
+    written = {}
+    for setting, path in outputs:
+        if not path:
+            continue
+        out = Path(path).resolve()
+        if out in written:
+            raise SystemExit(f'error: {setting} would write {path}, which {written[out]} also writes; give each its '
+                             'own path')
+        written[out] = setting
+        for name, given, paths in inputs:
+            if out in {Path(p).resolve() for p in paths if p}:
+                what = f'{name}={given}' if out == Path(given).resolve() else f'a file of {name}={given}'
+                raise SystemExit(f'error: {setting} would write {path}, which is {what}, an input of this run: it '
+                                 f'would change what it reads; use another {setting}=')
 
 
-def choice(*options):
-    return lambda v: v in options, 'one of ' + ', '.join(options)
+class OutputLock:
+    """An exclusive lock on a run's output, held until release() (or the end of a with block, or of the process,
+    even by kill -9): flock on the file `path`, which exists while the lock is held and is removed on release. A second
+    run is refused in one line naming the file; it creates nothing (the lock file and its folder are the holder's).
+    release() also removes the folders that the lock created and that are still empty, so a run refused after taking
+    it leaves nothing behind. A lock file left by a killed run is taken over by the next one."""
+    def __init__(self, path, what, setting):
+        self.path = Path(path)
+        self.created = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
+        while True:  # until the locked file is the one at `path` (a holder may remove it between open and flock)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # a file where a folder should be, a read-only or full disk
+                self.remove_created()
+                raise SystemExit(f'error: cannot write {what} ({setting}): {e.strerror or e}')
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                self.remove_created()
+                raise SystemExit(f'error: another run is writing {what} (it holds {self.path}); wait for it to end, '
+                                 f'or use another {setting}=')
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
 
+    def remove_created(self):
+        for folder in self.created:  # innermost first; a folder someone wrote into stays
+            try:
+                folder.rmdir()
+            except OSError:
+                return
 
-def check_values(cfg, valid):
-    for key, value in cfg.items():
-        test, what = valid.get(key, (lambda v: True, ''))
-        if isinstance(value, float) and not math.isfinite(value):
-            raise SystemExit(f'error: {key} must be finite, got {value}')
-        if not test(value):
-            raise SystemExit(f'error: {key} must be {what}, got {value!r}')
+    def release(self):
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before the lock goes: a later run then makes its own file
+            os.close(self.fd)
+            self.fd = None
+            self.remove_created()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()

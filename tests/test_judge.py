@@ -36,11 +36,15 @@ class ChatServer(ThreadingHTTPServer):
     """POST /v1/chat/completions: answers `reply(prompt)`, after the failures queued in `script` (an HTTP status,
     'garbage' for a body that is not JSON, 'no_choices' for JSON without choices, 'slow' for an answer after 0.5 s,
     'bad_key' for OpenAI's 401 answer, which quotes the key, 'echo_reason' for a 500 whose status line quotes it,
-    (code, url) for a redirect, 'trickle' / 'trickle_head' for an answer / a status line sent a byte every 0.05 s).
-    Counts requests and keeps the Authorization headers it got."""
+    (code, url) for a redirect, 'trickle' / 'trickle_head' for an answer / a status line sent a byte every 0.05 s,
+    {'status': code, 'headers': {...}} for an error with those headers, 'endless' for a 200 whose body goes on for
+    64 MiB). Counts requests (and the bytes of endless bodies sent) and keeps the Authorization headers it got."""
+    daemon_threads = True
+
     def __init__(self):
         super().__init__(('127.0.0.1', 0), ChatHandler)
         self.hits, self.script, self.auth, self.prompts, self.lock = 0, [], set(), [], threading.Lock()
+        self.proxy_auth, self.sent = set(), 0
         self.reply = lambda prompt: 'Comparison: both are fine.\nMore helpful: A'
         self.url = f'http://127.0.0.1:{self.server_address[1]}/v1'
 
@@ -52,6 +56,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         with server.lock:
             server.hits += 1
             server.auth.add(self.headers.get('Authorization'))
+            server.proxy_auth.add(self.headers.get('Proxy-Authorization'))
             server.prompts.append(request['messages'][0]['content'])
             action = server.script.pop(0) if server.script else None
         assert self.path == '/v1/chat/completions' and request['temperature'] == 0 and request['model'] == 'judge-1'
@@ -62,6 +67,22 @@ class ChatHandler(BaseHTTPRequestHandler):
             self.send_header('Location', action[1])
             self.send_header('Content-Length', '0')
             self.end_headers()
+            return
+        if isinstance(action, dict):
+            self.send_response(action['status'])
+            for name, value in action['headers'].items():
+                self.send_header(name, value)
+            self.send_header('Content-Length', '2')
+            self.end_headers()
+            self.wfile.write(b'{}')
+            return
+        if action == 'endless':  # no Content-Length: the body ends when the connection does
+            self.send_response(200)
+            self.end_headers()
+            chunk = b'x' * 2**16
+            for _ in range(2**10):
+                self.wfile.write(chunk)
+                server.sent += len(chunk)
             return
         if action == 'echo_reason':
             key = self.headers.get('Authorization', '').removeprefix('Bearer ')
@@ -114,6 +135,14 @@ class ChatHandler(BaseHTTPRequestHandler):
             pass  # the client timed out and went away
 
 
+@pytest.fixture(autouse=True)
+def no_proxy_settings(monkeypatch):
+    """The machine's proxy settings would send the tests' requests to 127.0.0.1 through its proxy."""
+    for name in ('http_proxy', 'https_proxy', 'no_proxy', 'all_proxy', 'REQUEST_METHOD'):
+        for variable in (name, name.upper()):
+            monkeypatch.delenv(variable, raising=False)
+
+
 @pytest.fixture
 def server():
     server = ChatServer()
@@ -132,11 +161,18 @@ def write_samples(path, completions, prompts=None):
 
 
 def config(tmp_path, server=None, **overrides):
-    """judge.py's settings for a test: the server's URL, or one that no request reaches in a test without a server."""
-    return {**judge.defaults, **dict(judge_model='judge-1', base_url=server.url if server else 'http://127.0.0.1:9/v1',
-                                     backoff=0.01,
-                                     cache=str(tmp_path / 'cache.jsonl'), out=str(tmp_path / 'result.json'),
-                                     bootstrap=200, batch_size=4, device='cpu'), **overrides}
+    """judge.py's settings for a test, only those that act in its run (judge.py refuses the others): an HTTP judge at
+    the server's URL (or one that no request reaches, in a test without a server), a local judge and reward models on
+    the CPU, a cache and out in tmp_path."""
+    cfg = {**judge.defaults, 'out': str(tmp_path / 'result.json'), 'bootstrap': 200, **overrides}
+    if judge.asks(cfg):
+        cfg['judge_model'] = overrides.get('judge_model', 'judge-1')
+        cfg['cache'] = overrides.get('cache', str(tmp_path / 'cache.jsonl'))
+        if cfg['judge'] == 'http':
+            cfg.update({'base_url': server.url if server else 'http://127.0.0.1:9/v1', 'backoff': 0.01, **overrides})
+    if cfg['mode'] == 'reward' or cfg['judge'] == 'hf':
+        cfg.update({'batch_size': 4, 'device': 'cpu', **overrides})
+    return cfg
 
 
 def prefer_longer(prompt):
@@ -149,19 +185,19 @@ def test_positions_are_randomized_and_mapped_back(tmp_path, server):
     a = write_samples(tmp_path / 'a.jsonl', [' a long and detailed answer'] * 40)
     b = write_samples(tmp_path / 'b.jsonl', [' short'] * 40)
     server.reply = prefer_longer
-    [result] = judge.judge(config(tmp_path, server, a=a, b=b))
+    [result] = judge.evaluate(config(tmp_path, server, a=a, b=b))
     assert (result['wins'], result['losses'], result['ties'], result['win_rate']['mean']) == (40, 0, 0, 1.0)
     verdicts = [json.loads(line) for line in (tmp_path / 'result.verdicts.jsonl').read_text().splitlines()]
     assert sum(v['a_shown_first'] for v in verdicts) == 20  # half of the pairs in each order
     assert [v['a_shown_first'] for v in verdicts] != [True, False] * 20  # in a random pattern
-    [result] = judge.judge(config(tmp_path, server, a=b, b=a))
+    [result] = judge.evaluate(config(tmp_path, server, a=b, b=a))
     assert result['win_rate']['mean'] == 0.0
 
 
 def test_identical_files_win_half_under_a_position_biased_judge(tmp_path, server):
     """The judge always says A; random order turns that into a win rate of about 0.5, inside its CI."""
     a = write_samples(tmp_path / 'a.jsonl', [' the same answer'] * 200)
-    [result] = judge.judge(config(tmp_path, server, a=a, b=a, bootstrap=1000))
+    [result] = judge.evaluate(config(tmp_path, server, a=a, b=a, bootstrap=1000))
     low, high = result['win_rate']['ci95']
     assert low < 0.5 < high and abs(result['win_rate']['mean'] - 0.5) < 0.1 and high - low < 0.2
     assert result['ties'] == result['unparsed'] == 0 and result['wins'] == result['losses'] == 100
@@ -174,10 +210,10 @@ def test_retries_malformed_answers_and_cache(tmp_path, server, monkeypatch, caps
     server.reply = prefer_longer
     server.script = [429, 500, 'garbage', 503, 'no_choices']  # then success: every request gets through
     cfg = config(tmp_path, server, a=a, b=b, api_key_env='NANOTR_TEST_KEY', concurrency=3)
-    [result] = judge.judge(cfg)
+    [result] = judge.evaluate(cfg)
     assert result['wins'] == 6 and server.hits == 6 + 5
     assert server.auth == {f'Bearer {KEY}'}
-    [again] = judge.judge(cfg)  # a rerun is answered from the cache
+    [again] = judge.evaluate(cfg)  # a rerun is answered from the cache
     assert again == result and server.hits == 11
     # the key is sent, but never printed or written
     printed = ''.join(capsys.readouterr())
@@ -193,19 +229,19 @@ def test_request_errors(tmp_path, server, monkeypatch):
     server.script = [500] * 3
     with pytest.raises(SystemExit, match=f'^error: the judge at {server.url} failed 3 times, last with HTTPError: '
                                          'HTTP Error 500: Internal Server Error$'):
-        judge.judge(config(tmp_path, server, a=a, b=a, retries=2))
+        judge.evaluate(config(tmp_path, server, a=a, b=a, retries=2))
     server.script, hits = ['bad_key'], server.hits
     with pytest.raises(SystemExit) as info:  # not retried: it cannot succeed
-        judge.judge(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
+        judge.evaluate(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
     assert str(info.value) == (f'error: the judge at {server.url} answered HTTP 401: Incorrect API key provided: ***. '
                                'You can find your API key at https://platform.openai.com/account/api-keys.')
     server.script = [404]
     with pytest.raises(SystemExit, match='answered HTTP 404: try again$'):
-        judge.judge(config(tmp_path, server, a=a, b=a))
+        judge.evaluate(config(tmp_path, server, a=a, b=a))
     assert server.hits == hits + 2
     assert not (tmp_path / 'cache.jsonl').read_text()  # failures are not cached
     server.script, hits = ['slow'], server.hits
-    [result] = judge.judge(config(tmp_path, server, a=a, b=a, timeout=0.1))  # a timeout is retried
+    [result] = judge.evaluate(config(tmp_path, server, a=a, b=a, timeout=0.1))  # a timeout is retried
     assert result['n'] == 1 and server.hits == hits + 2
 
 
@@ -214,7 +250,7 @@ def test_a_failure_that_stops_the_run_sends_nothing_more(tmp_path, server):
     a = write_samples(tmp_path / 'a.jsonl', [f' answer {i}' for i in range(20)])
     server.script = [404]
     with pytest.raises(SystemExit, match='answered HTTP 404: try again$'):
-        judge.judge(config(tmp_path, server, a=a, b=a, concurrency=1))
+        judge.evaluate(config(tmp_path, server, a=a, b=a, concurrency=1))
     time.sleep(0.2)  # time for a stray request to arrive
     assert server.hits == 1
 
@@ -224,7 +260,7 @@ def test_unparseable_answers_are_counted_ties(tmp_path, server):
     b = write_samples(tmp_path / 'b.jsonl', [' uno', ' dos', ' tres', ' cuatro'])
     answers = iter(['I cannot decide.', 'More helpful: A', 'Both are equally good', 'More helpful: B'])
     server.reply = lambda prompt: next(answers)
-    [result] = judge.judge(config(tmp_path, server, a=a, b=b, concurrency=1))
+    [result] = judge.evaluate(config(tmp_path, server, a=a, b=b, concurrency=1))
     assert result['n'] == 4 and result['ties'] == result['unparsed'] == 2 and result['wins'] + result['losses'] == 2
 
 
@@ -232,7 +268,7 @@ def test_files_without_a_common_prompt_fail_clearly(tmp_path):
     a = write_samples(tmp_path / 'a.jsonl', [' x'], prompts=['one'])
     b = write_samples(tmp_path / 'b.jsonl', [' y'], prompts=['two'])
     with pytest.raises(SystemExit, match='have no \\(prompt, sample\\) in common'):
-        judge.judge(config(tmp_path, a=a, b=b))
+        judge.evaluate(config(tmp_path, a=a, b=b))
 
 
 def test_unreachable_judge_fails_at_once(tmp_path, monkeypatch):
@@ -243,7 +279,7 @@ def test_unreachable_judge_fails_at_once(tmp_path, monkeypatch):
         port = probe.getsockname()[1]
     start = time.time()
     with pytest.raises(SystemExit, match=f'^error: cannot reach the judge at http://127.0.0.1:{port}/v1: .*refused'):
-        judge.judge(config(tmp_path, base_url=f'http://127.0.0.1:{port}/v1', a=a, b=a, backoff=1.0))
+        judge.evaluate(config(tmp_path, base_url=f'http://127.0.0.1:{port}/v1', a=a, b=a, backoff=1.0))
     assert time.time() - start < 1.0  # no retries (backoff 1 s, then 2 s, ...)
     calls = []
 
@@ -252,12 +288,12 @@ def test_unreachable_judge_fails_at_once(tmp_path, monkeypatch):
         raise socket.gaierror(-3, 'Temporary failure in name resolution')
     monkeypatch.setattr(judge_client, 'post', no_dns)
     with pytest.raises(SystemExit, match='cannot reach the judge at https://judge.example/v1: .*name resolution'):
-        judge.judge(config(tmp_path, base_url='https://judge.example/v1', a=a, b=a, concurrency=1))
+        judge.evaluate(config(tmp_path, base_url='https://judge.example/v1', a=a, b=a, concurrency=1))
     assert calls == ['https://judge.example/v1/chat/completions']  # one request, not retried; the other not sent
     monkeypatch.delenv('OPENAI_API_KEY', raising=False)
     with pytest.raises(SystemExit, match='^error: OPENAI_API_KEY is not set: the judge at https://api.openai.com/v1 '
                                          'needs an API key'):
-        judge.judge(config(tmp_path, base_url=judge.defaults['base_url'], a=a, b=a))
+        judge.evaluate(config(tmp_path, base_url=judge.defaults['base_url'], a=a, b=a))
     assert len(calls) == 1
 
 
@@ -276,21 +312,21 @@ def test_pairwise_keeps_repeated_prompts_apart(tmp_path, server, capsys):
     a = samples_with_index(tmp_path / 'a.jsonl', prompts, lambda i, j: f' a long answer {i} {j}')
     b = samples_with_index(tmp_path / 'b.jsonl', prompts, lambda i, j: f' short {i}')
     server.reply = prefer_longer
-    [result] = judge.judge(config(tmp_path, server, a=a, b=b))
+    [result] = judge.evaluate(config(tmp_path, server, a=a, b=b))
     assert result['n'] == 12 and result['wins'] == 12
     pairs = {(v['completion_a'], v['completion_b']) for v in
              map(json.loads, (tmp_path / 'result.verdicts.jsonl').read_text().splitlines())}
     assert pairs == {(f' a long answer {i} {j}', f' short {i}') for i in range(6) for j in range(2)}
     part = samples_with_index(tmp_path / 'part.jsonl', prompts[:2], lambda i, j: f' short {i}')
-    [result] = judge.judge(config(tmp_path, server, a=a, b=part))
+    [result] = judge.evaluate(config(tmp_path, server, a=a, b=part))
     assert result['n'] == 4 and 'note: 4 pairs; 8 samples of' in capsys.readouterr().out
     other = samples_with_index(tmp_path / 'other.jsonl', prompts[::-1], lambda i, j: ' x')
     with pytest.raises(SystemExit, match='have different prompts at index 0: sampled from other data or splits'):
-        judge.judge(config(tmp_path, server, a=a, b=other))
+        judge.evaluate(config(tmp_path, server, a=a, b=other))
     plain = write_samples(tmp_path / 'plain.jsonl', [' x'] * 6, prompts=prompts)  # no index, no sample
     with pytest.raises(SystemExit, match=r"plain.jsonl has 3 rows for \(prompt, sample\) = "
                                          r"\('Name three fruits.', 0\), which would collapse into one pair"):
-        judge.judge(config(tmp_path, server, a=plain, b=plain))
+        judge.evaluate(config(tmp_path, server, a=plain, b=plain))
 
 
 def test_cache_key_includes_the_server(tmp_path, server):
@@ -300,11 +336,11 @@ def test_cache_key_includes_the_server(tmp_path, server):
     threading.Thread(target=other.serve_forever, args=(0.01,), daemon=True).start()
     try:
         other.reply = lambda prompt: 'I cannot decide.'
-        [first] = judge.judge(config(tmp_path, server, a=a, b=a))
-        [second] = judge.judge(config(tmp_path, other, a=a, b=a))
+        [first] = judge.evaluate(config(tmp_path, server, a=a, b=a))
+        [second] = judge.evaluate(config(tmp_path, other, a=a, b=a))
         assert (server.hits, other.hits) == (2, 2)
         assert first['unparsed'] == 0 and second['unparsed'] == 2
-        assert judge.judge(config(tmp_path, other, a=a, b=a)) == [second] and other.hits == 2  # cached per server
+        assert judge.evaluate(config(tmp_path, other, a=a, b=a)) == [second] and other.hits == 2  # cached per server
     finally:
         other.shutdown()
         other.server_close()
@@ -323,16 +359,17 @@ def test_bad_sample_files_are_one_line(tmp_path, mode, content, message):
     if content is not None:
         path.write_text(content)
     files = dict(a=str(path), b=str(path)) if mode == 'pairwise' else dict(files=f'{path},')
+    models = dict(reward_models=SFT) if mode == 'reward' else {}
     with pytest.raises(SystemExit, match='^error: ' + re.escape(message.format(path=path)).replace(r'\$', '$')):
-        judge.judge(config(tmp_path, mode=mode, reward_models=SFT, **files))
+        judge.evaluate(config(tmp_path, mode=mode, **models, **files))
 
 
 @pytest.mark.parametrize('mode, needs', [('pairwise', 'a= and b='), ('criteria', 'files='), ('reward', 'files=')])
 def test_missing_arguments_are_named(tmp_path, mode, needs):
     """`python judge.py` alone raised IsADirectoryError (a='' read as the current folder)."""
     with pytest.raises(SystemExit, match=f'^error: mode={mode} needs {re.escape(needs)}'):
-        judge.judge(dict(judge.defaults, mode=mode))
-    with pytest.raises(SystemExit, match='^error: reward_models must be one or more reward models'):
+        judge.evaluate(dict(judge.defaults, mode=mode))
+    with pytest.raises(SystemExit, match="^error: reward_models='': needs one or more reward models"):
         label.label(dict(label.defaults, out=str(tmp_path / 'labels')))
 
 
@@ -340,7 +377,7 @@ def test_reward_mode_needs_a_trained_score_head(tmp_path):
     """A causal LM would be loaded with a random score head and give random rewards."""
     path = write_samples(tmp_path / 's.jsonl', [' x'])
     with pytest.raises(SystemExit, match=f'^error: reward_models={re.escape(SFT)} is not a reward model .*ForCausalLM'):
-        judge.judge(config(tmp_path, mode='reward', files=path, reward_models=SFT))
+        judge.evaluate(config(tmp_path, mode='reward', files=path, reward_models=SFT))
 
 
 @pytest.mark.parametrize('answer, verdict', [
@@ -370,7 +407,7 @@ def test_criteria_scores_means_and_unparsed(tmp_path, server):
             return 'Poor.\nCoherence: 2\nCorrectness: 3\nLevel of detail: 11\nHelpfulness: 2\nHarmlessness: 9'
         return 'Good.\n**Coherence:** 8\nCorrectness: 9/10\nLevel of detail: 7\nHelpfulness: 8\nHarmlessness: 10'
     server.reply = reply
-    results = judge.judge(config(tmp_path, server, mode='criteria', files=f'{good},{bad}'))
+    results = judge.evaluate(config(tmp_path, server, mode='criteria', files=f'{good},{bad}'))
     by_file = {r['file']: r for r in results}
     assert by_file[good]['unparsed'] == 0 and by_file[bad]['unparsed'] == 10  # 11 is out of range
     assert by_file[good]['coherence'] == {'mean': 8.0, 'ci95': [8.0, 8.0]}
@@ -385,12 +422,29 @@ def test_local_hf_judge(tmp_path, capsys):
     a = write_samples(tmp_path / 'a.jsonl', [' one', ' two', ' three'])
     b = write_samples(tmp_path / 'b.jsonl', [' uno', ' dos', ' tres'])
     cfg = config(tmp_path, judge='hf', judge_model=SFT, a=a, b=b, max_tokens=8)
-    [result] = judge.judge(cfg)
+    [result] = judge.evaluate(cfg)
     assert result['n'] == 3 == result['wins'] + result['ties'] + result['losses']
     cache = (tmp_path / 'cache.jsonl').read_text().splitlines()
     assert len(cache) == 3
-    assert judge.judge(cfg) == [result] and len((tmp_path / 'cache.jsonl').read_text().splitlines()) == 3
+    assert judge.evaluate(cfg) == [result] and len((tmp_path / 'cache.jsonl').read_text().splitlines()) == 3
     assert '(3 of 3 cached)' in capsys.readouterr().err
+
+
+def test_a_local_judge_retrained_at_the_same_path_is_asked_again(tmp_path, capsys):
+    """The cache served a local judge's old answers after that model was retrained in its folder: the key holds its
+    files' fingerprint, as sample.py's rows do."""
+    from safetensors.torch import load_file, save_file
+    model = tmp_path / 'judge_model'
+    shutil.copytree(SFT, model)
+    a = write_samples(tmp_path / 'a.jsonl', [' one', ' two'])
+    cfg = config(tmp_path, judge='hf', judge_model=str(model), a=a, b=a, max_tokens=8)
+    judge.evaluate(cfg)
+    weights = load_file(model / 'model.safetensors')
+    save_file({k: v + 0.05 for k, v in weights.items()}, model / 'model.safetensors', metadata={'format': 'pt'})
+    capsys.readouterr()
+    judge.evaluate(cfg)
+    assert '(0 of 2 cached)' in capsys.readouterr().err
+    assert len((tmp_path / 'cache.jsonl').read_text().splitlines()) == 4
 
 
 @pytest.fixture(scope='module')
@@ -449,7 +503,8 @@ def test_label_writes_rewards_and_resumes(tmp_path, reward_models, capsys):
     assert all(r['reward_models'] == reward_models for r in rows)  # which model each reward is from
     assert rows[0]['reward_provenance'] == dict(
         reward_model_fingerprints=[fingerprint(n) for n in reward_models],
-        data_fingerprint=fingerprint(data / 'train.jsonl'), max_length=128, max_prompt_length=64, batch_size=4)
+        data_fingerprint=fingerprint(data / 'train.jsonl'), max_length=128, max_prompt_length=64, batch_size=4,
+        scoring=label.SCORING)
     original = [json.loads(line) for line in lines[:30]]
     assert [{k: v for k, v in r.items() if not k.startswith('reward_')} for r in rows] == original
     tokenizer = AutoTokenizer.from_pretrained(SFT)
@@ -537,20 +592,21 @@ def test_label_refuses_foreign_or_garbled_lines(tmp_path, reward_models, edit, l
 
 
 @pytest.mark.parametrize('setting, value, message', [
-    ('batch_size', 0, 'batch_size must be >= 1, got 0'),
-    ('max_length', 64, 'need 0 < max_prompt_length < max_length'),
-    ('max_prompt_length', 0, 'need 0 < max_prompt_length < max_length'),
-    ('device', 'gpu', "device must be one of auto, cpu, cuda, got 'gpu'"),
-    ('out', '', "out must be a folder (for train.jsonl and test.jsonl), not a file, got ''"),
-    ('out', 'FILE', 'out must be a folder (for train.jsonl and test.jsonl), not a file, got '),
-    ('reward_models', ',', "reward_models must be one or more reward models, comma-separated, got ','"),
-    ('data', '', "data must be a data source (a file, a folder, a HF dataset name), got ''"),
+    ('batch_size', 0, 'batch_size=0: need batch_size >= 1'),
+    ('max_length', 64, 'max_prompt_length=64: need 0 < max_prompt_length < max_length'),
+    ('max_prompt_length', 0, 'max_prompt_length=0: need 0 < max_prompt_length < max_length'),
+    ('device', 'gpu', "device='gpu': need device in ('auto', 'cpu', 'cuda')"),
+    ('out', '', "out='': needs a folder (for train.jsonl and test.jsonl), not a file"),
+    ('out', 'FILE', "out='FILE': needs a folder (for train.jsonl and test.jsonl), not a file"),
+    ('reward_models', ',', "reward_models=',': needs one or more reward models, comma-separated"),
+    ('data', '', "data='': needs a data source (a file, a folder, a HF dataset name)"),
 ])
 def test_label_settings_are_checked_before_any_work(tmp_path, setting, value, message):
     (tmp_path / 'FILE').write_text('x')
-    value = str(tmp_path / 'FILE') if value == 'FILE' else value
-    cfg = {**label_config(tmp_path / 'no-data', ['no/such-model'], tmp_path / 'labels'), setting: value}
-    with pytest.raises(SystemExit, match='^error: ' + re.escape(message)):
+    path = str(tmp_path / 'FILE')
+    cfg = {**label_config(tmp_path / 'no-data', ['no/such-model'], tmp_path / 'labels'),
+           setting: path if value == 'FILE' else value}
+    with pytest.raises(SystemExit, match='^error: ' + re.escape(message.replace('FILE', path))):
         label.label(cfg)
     assert not (tmp_path / 'labels').exists()
 
@@ -570,7 +626,7 @@ def test_reward_mode_means_and_kl(tmp_path, reward_models):
     path = tmp_path / 'samples.jsonl'
     path.write_text(''.join(json.dumps({'prompt': r['prompt'], 'completion': r['chosen'], 'kl': float(i)}) + '\n'
                             for i, r in enumerate(rows)))
-    [result] = judge.judge(config(tmp_path, mode='reward', files=str(path), reward_models=','.join(reward_models)))
+    [result] = judge.evaluate(config(tmp_path, mode='reward', files=str(path), reward_models=','.join(reward_models)))
     for name in reward_models:
         expected = [direct_reward(name, r['prompt'], r['chosen']) for r in rows]
         assert result[name]['mean'] == pytest.approx(sum(expected) / 6, abs=1e-5)
@@ -594,31 +650,30 @@ def test_bootstrap_resamples_prompts():
 # -----------------------------------------------------------------------------
 # settings and templates: checked before any file is read or request sent
 @pytest.mark.parametrize('setting, value, message', [
-    ('mode', 'gold', "mode must be one of pairwise, criteria, reward, got 'gold'"),
-    ('judge', 'vllm', "judge must be one of http, hf, got 'vllm'"),
-    ('device', 'gpu', "device must be one of auto, cpu, cuda, got 'gpu'"),
-    ('bootstrap', 0, 'bootstrap must be >= 1, got 0'),
-    ('retries', -1, 'retries must be >= 0, got -1'),
-    ('concurrency', 0, 'concurrency must be >= 1, got 0'),
-    ('timeout', 0.0, 'timeout must be > 0, got 0.0'),
+    ('mode', 'gold', "mode='gold': need mode in ('pairwise', 'criteria', 'reward')"),
+    ('judge', 'vllm', "judge='vllm': need judge in ('http', 'hf')"),
+    ('bootstrap', 0, 'bootstrap=0: need bootstrap >= 1'),
+    ('retries', -1, 'retries=-1: need retries >= 0'),
+    ('concurrency', 0, 'concurrency=0: need concurrency >= 1'),
+    ('timeout', 0.0, 'timeout=0.0: need timeout > 0'),
     ('timeout', float('inf'), 'timeout must be finite, got inf'),
-    ('backoff', -0.5, 'backoff must be >= 0, got -0.5'),
-    ('max_tokens', 0, 'max_tokens must be >= 1, got 0'),
-    ('batch_size', 0, 'batch_size must be >= 1, got 0'),
-    ('max_prompt_length', 128, 'need 0 < max_prompt_length < max_length'),
-    ('max_prompt_length', 0, 'need 0 < max_prompt_length < max_length'),
+    ('backoff', -0.5, 'backoff=-0.5: need backoff >= 0'),
+    ('max_tokens', 0, 'max_tokens=0: need max_tokens >= 1'),
+    ('seed', -1, 'seed=-1: need 0 <= seed < 2**64'),
     ('base_url', 'ftp://example.com/v1', 'base_url must be an http:// or https:// URL without user, query or fragment'),
-    ('base_url', 'https://user:key@example.com/v1', 'base_url must be an http:// or https:// URL'),
+    ('base_url', 'https://user:key@example.com/v1', "base_url must be an http:// or https:// URL without user, query "
+                                                     "or fragment, got 'https://***@example.com/v1'"),
     ('base_url', 'localhost:8000/v1', 'base_url must be an http:// or https:// URL'),
-    ('out', 'FOLDER', 'out must be a file path, not a folder, got '),
-    ('cache', 'FOLDER', 'cache must be a file path, not a folder, got '),
+    ('out', 'FOLDER', "out='FOLDER': is a folder; give a file path"),
+    ('cache', 'FOLDER', "cache='FOLDER': is a folder; give a file path"),
 ])
 def test_bad_settings_stop_before_any_work(tmp_path, server, setting, value, message):
     (tmp_path / 'FOLDER').mkdir()
     a = write_samples(tmp_path / 'a.jsonl', [' x'])
-    cfg = config(tmp_path, server, a=a, b=a, **{setting: str(tmp_path / 'FOLDER') if value == 'FOLDER' else value})
-    with pytest.raises(SystemExit, match='^error: ' + re.escape(message)) as info:
-        judge.judge(cfg)
+    folder = str(tmp_path / 'FOLDER')
+    cfg = config(tmp_path, server, a=a, b=a, **{setting: folder if value == 'FOLDER' else value})
+    with pytest.raises(SystemExit, match='^error: ' + re.escape(message.replace('FOLDER', folder))) as info:
+        judge.evaluate(cfg)
     assert '\n' not in str(info.value) and server.hits == 0 and not (tmp_path / 'result.json').exists()
 
 
@@ -633,10 +688,10 @@ def test_template_fields_are_checked(tmp_path, server, text, message):
     path.write_text(text)
     a = write_samples(tmp_path / 'a.jsonl', [' x'])
     with pytest.raises(SystemExit, match=f'^error: template {re.escape(str(path))} {re.escape(message)}'):
-        judge.judge(config(tmp_path, server, a=a, b=a, template=str(path)))
+        judge.evaluate(config(tmp_path, server, a=a, b=a, template=str(path)))
     assert server.hits == 0
     with pytest.raises(SystemExit, match='^error: template=nosuch: neither a file nor .*judge_templates/nosuch.txt'):
-        judge.judge(config(tmp_path, server, a=a, b=a, template='nosuch'))
+        judge.evaluate(config(tmp_path, server, a=a, b=a, template='nosuch'))
 
 
 def test_braces_in_a_template_and_in_samples_are_text(tmp_path, server):
@@ -645,7 +700,7 @@ def test_braces_in_a_template_and_in_samples_are_text(tmp_path, server):
     path = tmp_path / 'template.txt'
     path.write_text('Answer as {"winner": "A"} or { }.\n{prompt}\nA: {a}\nB: {b}\n')
     a = write_samples(tmp_path / 'a.jsonl', [' {b} and {prompt}'], prompts=['Q {a}?'])
-    judge.judge(config(tmp_path, server, a=a, b=a, template=str(path)))
+    judge.evaluate(config(tmp_path, server, a=a, b=a, template=str(path)))
     assert server.prompts == ['Answer as {"winner": "A"} or { }.\nQ {a}?\nA: {b} and {prompt}\nB: {b} and {prompt}\n']
 
 
@@ -662,10 +717,9 @@ def test_a_redirect_is_not_followed_with_the_key(tmp_path, server, monkeypatch, 
         server.script = [(code, f'{other.url}/chat/completions?stolen={KEY}')]
         a = write_samples(tmp_path / 'a.jsonl', [' x'])
         with pytest.raises(SystemExit) as info:
-            judge.judge(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
-        assert str(info.value) == (f'error: the judge at {server.url} answered HTTP {code}, a redirect to '
-                                   f'{other.url}/chat/completions?stolen=***: not followed; if you trust that server, '
-                                   'make it base_url')
+            judge.evaluate(config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY'))
+        assert str(info.value) == (f'error: the judge at {server.url} answered HTTP {code}, a redirect, not followed '
+                                   f'(if you trust that server, make it base_url): {other.url}/chat/completions?***')
         assert server.hits == 1 and server.auth == {f'Bearer {KEY}'}  # not retried
         assert other.hits == 0 and not other.auth
     finally:
@@ -681,14 +735,14 @@ def test_the_key_is_redacted_wherever_a_server_echoes_it(tmp_path, server, monke
     cfg = config(tmp_path, server, a=a, b=a, api_key_env='NANOTR_TEST_KEY', retries=1, concurrency=1)
     server.script = ['echo_reason'] * 2
     with pytest.raises(SystemExit) as info:
-        judge.judge(cfg)
+        judge.evaluate(cfg)
     assert str(info.value) == (f'error: the judge at {server.url} failed 2 times, last with HTTPError: HTTP Error 500: '
                                'Internal Error with key ***')
     server.script = ['bad_key']
     with pytest.raises(SystemExit, match=r'answered HTTP 401: Incorrect API key provided: \*\*\*\. You can find'):
-        judge.judge(cfg)
+        judge.evaluate(cfg)
     server.reply = lambda prompt: f'My key is {KEY}.\nMore helpful: A'
-    [result] = judge.judge(cfg)
+    [result] = judge.evaluate(cfg)
     assert result['wins'] + result['losses'] == 2  # the verdict is still read from the redacted answer
     verdicts = (tmp_path / 'result.verdicts.jsonl').read_text()
     assert 'My key is ***.' in verdicts
@@ -697,7 +751,7 @@ def test_the_key_is_redacted_wherever_a_server_echoes_it(tmp_path, server, monke
     assert KEY not in ''.join(capsys.readouterr())
     # a cache written before answers were redacted: what it holds is redacted on the way out
     (tmp_path / 'cache.jsonl').write_text((tmp_path / 'cache.jsonl').read_text().replace('***', KEY))
-    assert judge.judge(cfg) == [result] and KEY not in (tmp_path / 'result.verdicts.jsonl').read_text()
+    assert judge.evaluate(cfg) == [result] and KEY not in (tmp_path / 'result.verdicts.jsonl').read_text()
 
 
 # -----------------------------------------------------------------------------
@@ -711,10 +765,10 @@ def test_a_trickled_answer_times_out_after_the_timeout(tmp_path, server, action)
     start = time.monotonic()
     with pytest.raises(SystemExit, match=f'^error: the judge at {server.url} failed 1 times, last with TimeoutError: '
                                          r'no whole answer within timeout=0.5 s$'):
-        judge.judge(config(tmp_path, server, a=a, b=a, timeout=0.5, retries=0))
+        judge.evaluate(config(tmp_path, server, a=a, b=a, timeout=0.5, retries=0))
     assert 0.5 <= time.monotonic() - start < 1.5  # the answer would take 2 s or more
     server.script = [action]
-    [result] = judge.judge(config(tmp_path, server, a=a, b=a, timeout=0.5, retries=1))  # the retry succeeds
+    [result] = judge.evaluate(config(tmp_path, server, a=a, b=a, timeout=0.5, retries=1))  # the retry succeeds
     assert result['n'] == 1 and server.hits == 3
 
 
@@ -723,13 +777,13 @@ def test_a_trickled_answer_times_out_after_the_timeout(tmp_path, server, action)
 def test_foreign_and_garbled_cache_lines_are_ignored(tmp_path, server):
     a = write_samples(tmp_path / 'a.jsonl', [' one', ' two'])
     cfg = config(tmp_path, server, a=a, b=a)
-    [first] = judge.judge(cfg)
+    [first] = judge.evaluate(cfg)
     good = (tmp_path / 'cache.jsonl').read_text().splitlines()
     garbage = ['not json', '[1, 2]', '"text"', 'null', '{"key": 1, "answer": "x"}', '{"key": "k"}',
                '{"key": "k", "answer": ["A"]}', '{"other": "tool"}', '\x00\x01']
     (tmp_path / 'cache.jsonl').write_text('\n'.join(garbage[:5] + good[:1] + garbage[5:]) + '\n{"key": "cut sh')
-    assert judge.judge(cfg) == [first] and server.hits == 3  # one answer kept, the other asked again
-    assert judge.judge(dict(cfg, cache=str(tmp_path / 'new/cache.jsonl'))) == [first]  # in a folder made for it
+    assert judge.evaluate(cfg) == [first] and server.hits == 3  # one answer kept, the other asked again
+    assert judge.evaluate(dict(cfg, cache=str(tmp_path / 'new/cache.jsonl'))) == [first]  # in a folder made for it
     (tmp_path / 'cache.jsonl').write_bytes(b'\xff\xfe garbage\n')
     with pytest.raises(SystemExit, match=r'^error: .*cache.jsonl is not UTF-8 text'):  # one line, not a traceback
-        judge.judge(cfg)
+        judge.evaluate(cfg)

@@ -1,5 +1,6 @@
 """sample.py on the tiny shipped models: determinism under a seed, left-padded batches, the log-probs behind the KL
-estimate (exact ids, KL of a model against itself = 0), resuming, and 2 processes writing what 1 process writes."""
+estimate (exact ids, KL of a model against itself = 0), resuming, 2 processes writing what 1 process writes (with the
+files read by rank 0 alone), and the models loaded in the compute dtype (SmolLM2 in bf16: the memory of two copies)."""
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from transformers import AutoTokenizer
 
 import sample
 from data.pairs import load_pairs, tokenize_prompt
+from test_real_model import smollm2  # noqa: F401  (a fixture: SmolLM2-135M-Instruct, built on first use)
 from train_tr import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,15 +99,79 @@ def test_resume_continues_and_does_not_redo(tmp_path):
 
 
 def test_bfloat16_samples_and_scores_in_bfloat16(tmp_path):
-    """dtype=bfloat16 autocasts generation and scoring: greedy completions of the tiny model are the float32 ones, their
-    log-probs close to float32's but not equal to them."""
+    """dtype=bfloat16 loads bf16 weights for generation and scoring: greedy completions of the tiny model are the
+    float32 ones, their log-probs close to float32's but not equal to them. dtype=auto is float32 on a CPU, byte for
+    byte."""
     settings = dict(ref=BASE, temperature=0.0, num_samples=1)
-    fp32, bf16 = run_sample(tmp_path / 'fp32.jsonl', **settings), run_sample(tmp_path / 'bf16.jsonl', dtype='bfloat16',
-                                                                             **settings)
+    fp32, bf16 = run_sample(tmp_path / 'fp32.jsonl', dtype='float32', **settings), run_sample(
+        tmp_path / 'bf16.jsonl', dtype='bfloat16', **settings)
     assert [r['completion'] for r in bf16] == [r['completion'] for r in fp32] and bf16[0]['dtype'] == 'bfloat16'
     for key in 'logp_policy', 'kl':
         assert [r[key] for r in bf16] == pytest.approx([r[key] for r in fp32], abs=0.1)
         assert [r[key] for r in bf16] != [r[key] for r in fp32]
+    run_sample(tmp_path / 'auto.jsonl', **settings)
+    assert (tmp_path / 'auto.jsonl').read_bytes() == (tmp_path / 'fp32.jsonl').read_bytes()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_models_are_loaded_in_the_compute_dtype_without_gradients(tmp_path, dtype):
+    """float32 weights with requires_grad=True, autocast over them: autocast cached a bf16 copy of every weight. The
+    models are now read in the compute dtype, a tensor at a time, into exactly load_model's model (weights, RoPE
+    buffers, generation config); a checkpoint in shards too, and one this reader does not know (float64) through
+    load_model."""
+    expected = load_model(SFT, dtype=dtype).eval()
+    sharded = tmp_path / 'sharded'
+    expected.save_pretrained(sharded, max_shard_size='100KB')
+    assert (sharded / 'model.safetensors.index.json').is_file()
+    foreign = tmp_path / 'foreign'  # float64 weights, which this reader leaves to from_pretrained
+    shutil.copytree(SFT, foreign)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(foreign / 'model.safetensors')
+    save_file({k: v.double() for k, v in weights.items()}, foreign / 'model.safetensors', metadata={'format': 'pt'})
+    for name in (SFT, sharded, foreign):
+        model = sample.load_for_sampling(str(name), dtype, torch.device('cpu'))
+        assert not model.training and all(p.dtype == dtype and not p.requires_grad for p in model.parameters())
+        got, want = dict(model.named_buffers()) | model.state_dict(), dict(expected.named_buffers()) | \
+            expected.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert model.generation_config.to_dict() == expected.generation_config.to_dict()
+
+
+def test_sampling_smollm2_in_bf16_holds_about_its_two_bf16_models(tmp_path, smollm2):  # noqa: F811
+    """The peak RSS of sample.py over its imports, SmolLM2-135M policy and reference in bf16 (two bf16 copies: 0.54
+    GB): 1.59 GB when the float32 weights were autocast (autocast's bf16 copies beside them), 0.85 GB loaded by
+    from_pretrained in bf16 (the float32 checkpoint read beside them), and a bf16 head fed the [B, 1, H] view of the
+    last position expanded its weight once per row (+0.21 GB at B = 4); the goal is 0.80 GB."""
+    # VmHWM, the peak RSS of this process's memory since exec: getrusage's ru_maxrss starts a child at its parent's
+    # RSS when forked (Linux keeps the forked copy's high-water mark across exec), here the test process's
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(REPO)!r})
+import torch, sample
+torch.set_num_threads(1)
+def kib(key):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key + ':'))
+before = kib('VmRSS')
+sample.sample(dict(sample.defaults, init_from={str(smollm2)!r}, ref={str(smollm2)!r}, data={str(REPO / 'data/toy')!r},
+                   num_prompts=4, max_new_tokens=8, dtype='bfloat16', device='cpu', out={str(tmp_path / 's.jsonl')!r}))
+print(json.dumps((kib('VmHWM') - before) * 1024))
+"""
+    proc = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cost = json.loads(proc.stdout.splitlines()[-1]) / 2**30
+    print(f'sample.py, SmolLM2-135M policy + reference in bf16: {cost:.2f} GB of peak RSS over its imports')
+    assert cost <= 0.80
+
+
+def test_an_older_sample_file_is_not_continued(tmp_path):
+    """Rows without prompt_messages (sample.py before it wrote them) would mix two scoring rules in one file."""
+    out = tmp_path / 'samples.jsonl'
+    rows = run_sample(out)
+    out.write_text(''.join(json.dumps({k: v for k, v in row.items() if k != 'prompt_messages'}) + '\n' for row in rows))
+    with pytest.raises(SystemExit, match=f'^error: {out} was written by an older sample.py \\(its rows have no '
+                                         'prompt_messages\\); use another out= or delete it$'):
+        run_sample(out)
 
 
 def test_resume_refuses_samples_of_other_files_at_the_same_paths(tmp_path):
@@ -160,18 +226,19 @@ def test_without_out_samples_are_printed_also_with_ref(capsys):
 
 
 @pytest.mark.parametrize('setting, message', [
-    (dict(batch_size=0), 'batch_size must be >= 1, got 0'),
-    (dict(max_new_tokens=0), 'max_new_tokens must be >= 1, got 0'),
-    (dict(temperature=-0.5), 'temperature must be >= 0, got -0.5'),
-    (dict(top_p=0.0), r'top_p must be in \(0, 1\], got 0.0'),
-    (dict(top_p=1.5), r'top_p must be in \(0, 1\], got 1.5'),
+    (dict(batch_size=0), 'batch_size=0: need batch_size >= 1'),
+    (dict(max_new_tokens=0), 'max_new_tokens=0: need max_new_tokens >= 1'),
+    (dict(temperature=-0.5), 'temperature=-0.5: need temperature >= 0'),
+    (dict(top_p=0.0), r'top_p=0.0: need 0 < top_p <= 1'),
+    (dict(top_p=1.5), r'top_p=1.5: need 0 < top_p <= 1'),
     (dict(top_p=float('nan')), 'top_p must be finite, got nan'),
-    (dict(num_prompts=-1), 'num_prompts must be >= 0, got -1'),
-    (dict(num_samples=0), 'num_samples must be >= 1, got 0'),
-    (dict(max_prompt_length=0), 'max_prompt_length must be >= 1, got 0'),
-    (dict(device='gpu'), "device must be one of auto, cpu, cuda, got 'gpu'"),
-    (dict(dtype='float16'), "dtype must be one of float32, bfloat16, got 'float16'"),
-    (dict(out='samples'), "out must be a file to write, not a folder, got '.*samples'"),
+    (dict(num_prompts=-1), 'num_prompts=-1: need num_prompts >= 0'),
+    (dict(num_samples=0), 'num_samples=0: need num_samples >= 1'),
+    (dict(max_prompt_length=0), 'max_prompt_length=0: need max_prompt_length >= 1'),
+    (dict(seed=2**64), f'seed={2**64}: need 0 <= seed < 2\\*\\*64'),
+    (dict(device='gpu'), "device='gpu': need device in \\('auto', 'cpu', 'cuda'\\)"),
+    (dict(dtype='float16'), "dtype='float16': need dtype in \\('auto', 'float32', 'bfloat16'\\)"),
+    (dict(out='samples'), "out='.*samples': is a folder; give a file path"),
 ])
 def test_settings_are_checked_before_any_work(tmp_path, setting, message):
     (tmp_path / 'samples').mkdir()
@@ -186,11 +253,21 @@ def test_ref_with_another_tokenizer_is_refused(tmp_path):
     """The toy's tokenizer (384 tokens) is not the tiny one (512): logp_ref of the sampled ids would be a meaningless
     KL of about 70 nats."""
     toy = str(REPO / 'data/toy/sft')
-    with pytest.raises(SystemExit, match=f'^error: ref={re.escape(toy)} has another tokenizer than init_from='):
+    with pytest.raises(SystemExit, match=f'^error: ref={re.escape(toy)} has another vocabulary than init_from: its '
+                                         'log-probs of the same token ids would be those of other text'):
         run_sample(tmp_path / 'samples.jsonl', ref=toy)
-    assert not (tmp_path / 'samples.jsonl').exists()
+    assert not list(tmp_path.iterdir())  # refused before the lock and the folder it would make
     with pytest.raises(SystemExit, match='^error: init_from=.*missing not found'):
         run_sample(tmp_path / 'samples.jsonl', init_from=str(tmp_path / 'no/such/missing'))
+
+
+def test_a_checkpoint_without_a_tokenizer_is_one_line(tmp_path):
+    """sample.py read the tokenizer with AutoTokenizer itself: a checkpoint without one was a traceback."""
+    model = tmp_path / 'model'
+    shutil.copytree(SFT, model, ignore=shutil.ignore_patterns('tokenizer*', 'chat_template.jinja'))
+    with pytest.raises(SystemExit, match=f'^error: init_from={re.escape(str(model))} has no usable tokenizer'):
+        run_sample(tmp_path / 'samples.jsonl', init_from=str(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['model']
 
 
 def test_outputs_of_readme_commands_are_ignored_by_git():
@@ -220,3 +297,34 @@ def test_two_processes_write_what_one_writes(tmp_path):
     one, two = (tmp_path / '1.jsonl').read_text(), (tmp_path / '2.jsonl').read_text()
     assert one == two and len(one.splitlines()) == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ['1.jsonl', '2.jsonl']  # part files merged and removed
+
+
+@pytest.mark.slow
+def test_rank_0_alone_reads_the_files_every_rank_needs(tmp_path):
+    """Every rank fingerprinted the model files (8 ranks x 16 GB of reading at 8B) and read the earlier rows: rank 0
+    does, and sends the others what it found."""
+    out = tmp_path / 'samples.jsonl'
+    driver = tmp_path / 'driver.py'
+    driver.write_text(f"""
+import json, os, sys
+sys.path.insert(0, {str(REPO)!r})
+import sample
+calls = []
+for name in ('fingerprint', 'read_jsonl'):
+    real = getattr(sample, name)
+    setattr(sample, name, lambda *args, real=real, name=name, **kwargs: calls.append(name) or real(*args, **kwargs))
+sample.sample(dict(sample.defaults, init_from={SFT!r}, ref={BASE!r}, data={str(REPO / 'data/tiny')!r}, num_prompts=4,
+                   max_new_tokens=8, batch_size=2, device='cpu', out={str(out)!r}))
+with open(f"{{sys.argv[1]}}.{{os.environ['RANK']}}", 'w') as f:
+    json.dump(calls, f)
+""")
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    for run in ('first', 'again'):  # again: the rows of the first run are read, and found complete
+        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               str(driver), str(tmp_path / run)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        calls = [json.loads((tmp_path / f'{run}.{rank}').read_text()) for rank in (0, 1)]
+        assert calls[0].count('fingerprint') == 3 and 'fingerprint' not in calls[1]
+        assert 'read_jsonl' in calls[0] and 'read_jsonl' not in calls[1]
+    assert len(out.read_text().splitlines()) == 4

@@ -105,8 +105,8 @@ def test_gold_scores(tmp_path):
 @pytest.mark.parametrize('setting, value, message', [
     ('files', ',', 'files= needs one or more sample files (sample.py --out=), comma-separated'),
     ('files', 'missing.jsonl', 'sample file not found: missing.jsonl'),
-    ('bootstrap', 0, 'bootstrap must be >= 1, got 0'),
-    ('out', 'FOLDER', 'out must be a file path, not a folder, got '),
+    ('bootstrap', 0, 'bootstrap=0: need bootstrap >= 1'),
+    ('out', 'FOLDER', "out='"),  # then the folder's path: is a folder; give a file path
 ])
 def test_gold_settings_are_checked(tmp_path, setting, value, message):
     (tmp_path / 'FOLDER').mkdir()
