@@ -100,6 +100,23 @@ def test_fingerprints_and_checksums_are_computed_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """tests/gpu_check.sh on a CPU with the tiny model: every configuration it checks on a GPU runs and passes the
+    checks that hold on a CPU (ln 2 at the start, finite and falling losses, the resume against the straight run),
+    the others skipped, saying so; a failed check (lr=0: the loss does not fall) stops it with a non-zero status."""
+    def dry_run(work, **settings):
+        env = dict(os.environ, OMP_NUM_THREADS='1', MODEL='data/tiny/sft', DATA='data/tiny', DEVICE='cpu', STEPS='4',
+                   BATCH='8', LR='1e-3', WORK=str(work), **settings)
+        return subprocess.run(['bash', 'tests/gpu_check.sh'], cwd=REPO, capture_output=True, text=True, env=env,
+                              timeout=600)
+    proc = dry_run(tmp_path / 'ok')
+    assert proc.returncode == 0 and 'gpu_check: all passed' in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count('(MFU and CUDA memory not checked on a CPU)') == 7
+    proc = dry_run(tmp_path / 'stuck', LR='0', STEPS='2')
+    assert proc.returncode != 0 and 'gpu_check FAILED: ' in proc.stderr and 'all passed' not in proc.stdout
+
+
+@pytest.mark.slow
 def test_save_and_accumulation_memory_smollm2(smollm2):
     """SmolLM2-135M, TR-DPO in float32, 2 processes (tests/memory_check.py). While saving, rank 0's peak RSS grows at
     most 0.6 GB more than rank 1's (it gathered the whole state: 2.0 GB more); with grad_accum=4 rank 1's peak is at

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -264,6 +265,21 @@ def test_two_processes_match_one(tmp_path):
     one_ref, two_ref = (reference_adapters(tmp_path / d) for d in ('one', 'two'))
     assert len(one_ref) == 2 * 14
     same_tensors(one_ref, two_ref, atol=1e-5)
+
+
+def test_resume_refuses_another_base(tmp_path):
+    """A LoRA checkpoint holds the adapters, not the base: resumed after init_from's weights were replaced, they went
+    on over the new ones. The base's fingerprint is part of the run's settings, and the resume is refused."""
+    from test_train import one_line_error
+    base = tmp_path / 'base'
+    shutil.copytree(REPO / 'data/tiny/sft', base)
+    args = [*SMALL, *LORA, f'--init_from={base}', '--data=data/tiny', '--max_iters=1']
+    run(tmp_path / 'out', *args)
+    shutil.copy(REPO / 'data/tiny/base/model.safetensors', base)  # the same architecture, other weights
+    proc, _ = run(tmp_path / 'out', *args, '--max_iters=2', '--resume=True', check=False)
+    message = one_line_error(proc)
+    assert message.startswith('error: resume=True with other settings than the run saved in ')
+    assert 'init_from_fingerprint=' in message
 
 
 @pytest.mark.parametrize('nproc', [1, 2])

@@ -32,12 +32,27 @@ def test_hard_update_every_step_keeps_dpo_at_ln2(tmp_path):
     assert records[0]['logps/chosen'] != records[-1]['logps/chosen']  # yet the policy changes
 
 
+def baseline_tokens(n_pairs):
+    """The tokens of KTO's baseline at step 1 (SMALL): each prompt once with both responses of the next pair."""
+    from transformers import AutoTokenizer
+
+    from data import pairs as data_pairs
+    pairs = data_pairs.load_pairs(str(REPO / 'data/toy'), 'train', AutoTokenizer.from_pretrained(REPO / 'data/toy/sft'),
+                                  128, 64, verbose=False)
+    step = [pairs[i] for i in data_pairs.step_pair_indices(len(pairs), 0, n_pairs, 1337)]
+    rows = [data_pairs.truncate(p.prompt, [q.chosen, q.rejected], 128, 64) for p, q in zip(step, step[1:] + step[:1])]
+    return sum(len(prompt) + sum(map(len, responses)) for prompt, responses in rows)
+
+
 def test_ipo_and_kto_first_step_values(tmp_path):
+    """Also tokens/s: KTO's step runs the loss's forwards of IPO's (the same pairs) and those of its baseline."""
     _, records = run(tmp_path / 'ipo', *SMALL, '--max_iters=1', '--loss=ipo', '--beta=0.2')
     assert records[0]['loss'] == pytest.approx(1 / (4 * 0.2 ** 2), rel=1e-6)  # (0 - 1/(2β))²
+    ipo_tokens = records[0]['tokens_per_sec'] * records[0]['step_time']
     for nproc in (1, 2):  # with 2 processes z is averaged over ranks
         _, records = run(tmp_path / f'kto{nproc}', *SMALL, '--max_iters=1', '--loss=kto',
                          '--kto_undesirable_weight=1.5', nproc=nproc)
+        assert records[0]['tokens_per_sec'] * records[0]['step_time'] == pytest.approx(ipo_tokens + baseline_tokens(4))
         assert records[0]['loss'] == pytest.approx((1.0 + 1.5) / 4, rel=1e-6)  # z = 0, σ(0) = 1/2 on both sides
         assert records[0]['kl'] == 0
 
