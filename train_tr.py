@@ -39,9 +39,7 @@ Run `python train_tr.py` (TR-DPO on the toy in data/toy, ~15 s on a CPU) or `tor
 """
 import copy
 import datetime
-import fcntl
 import fnmatch
-import hashlib
 import json
 import math
 import os
@@ -66,7 +64,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data.files import copy_folder, open_metrics, write_safetensors
+from data.files import (commit_folder, copy_folder, files_of, first_mismatch, lock_out_dir, open_log, seal,
+                        write_safetensors)
 from data.pairs import (RUN_STATE, check_model_path, fingerprint, layout, load_pairs, load_tokenizer,
                         make_batch, note_evaluation, padding_id, sha256, step_pair_indices, truncate)
 from data.settings import (DEVICE, PROMPT_FITS, RESUMABLE, check_settings, declared, defaults_of, need, one_of,
@@ -135,16 +134,12 @@ grad_clip: need('grad_clip >= 0') = 2.0                 # max gradient norm (pap
 device: DEVICE = 'auto'                                 # auto | cpu | cuda
 dtype: one_of('auto', 'float32', 'bfloat16', resumable=True) = 'auto'
                                                         # compute dtype; auto: bfloat16 on CUDA, else float32
-fsdp: one_of('auto', 'always', resumable=True) = 'auto'  # auto: FSDP2 shards the models over several processes;
-                                                        # always: a world of one too (one GPU through the multi-GPU
-                                                        # code path: tests/gpu_check.sh; not faster)
-dist_timeout: need('dist_timeout > 0', resumable=True) = 60.0
-                                                        # minutes a collective waits for a slower rank (NCCL's: 10).
-                                                        # Rank 0 alone reads the weights at the start and streams the
-                                                        # HF export at each save: 32 GB for 8B in float32, ~5 min at
-                                                        # 100 MB/s, and a first download of 16 GB of bf16 weights takes
-                                                        # as long. torchrun stops a crashed rank at once: this bounds
-                                                        # only a hang
+fsdp: one_of('auto', 'always', resumable=True) = 'auto'  # auto: FSDP2 shards over several processes; always: one
+                                                        # too (a GPU through the multi-GPU path; tests/gpu_check.sh)
+dist_timeout: need('dist_timeout > 0', resumable=True) = 60.0  # minutes a collective waits for a slower rank (NCCL's:
+                                                        # 10). Rank 0 alone streams an 8B float32 export of 32 GB (~5
+                                                        # min at 100 MB/s) and may first download 16 GB; torchrun
+                                                        # stops a crashed rank at once: this bounds a hang only
 grad_checkpoint: RESUMABLE = False                      # activation checkpointing of each decoder layer
 peak_flops: need('peak_flops > 0', resumable=True) = 989e12  # per-device peak for MFU (H100 dense bf16)
 seed: need('0 <= seed < 2**64') = 1337                  # data order, and a reward model's or LoRA's initialization
@@ -347,8 +342,8 @@ def update_reference(policy, ref, alpha):
 
 
 def reshard(*models):
-    """Registers FSDP's sharded parameters again where a forward left them gathered (the policy's root stays gathered
-    from forward to backward, and an evaluation has no backward): those are what the optimizer and checkpoints hold."""
+    """FSDP's sharded parameters, the optimizer's and the checkpoint's, registered again where a forward left them
+    gathered (the policy's root stays gathered until its backward, and an evaluation has none)."""
     for module in {m for model in models if isinstance(model, torch.nn.Module) for m in model.modules()}:
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -376,7 +371,9 @@ def train(cfg):
     start_iter = load_checkpoint(out_dir, ref, optimizer, policy) if cfg['resume'] else 0
     if start_iter >= cfg['max_iters']:
         print0(f"note: the saved run is at iteration {start_iter}, max_iters={cfg['max_iters']}: nothing to train")
-    log = open_log(cfg, out_dir, start_iter if cfg['resume'] else None, master)
+    wandb_init = dict(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg)
+    log = open_log(out_dir / 'metrics.jsonl', start_iter if cfg['resume'] else None,
+                   wandb_init if cfg['wandb_log'] else None) if master else lambda record: None
     print0(f'{n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in trained) / 1e6:.2f}M trained), world size '
            f'{world}, {micro_size} pairs per micro-batch, compute dtype {compute_dtype}, device {device}')
     print0('estimated memory per device: ' + ', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in memory_estimate(
@@ -485,13 +482,10 @@ def setup_distributed(device_name, timeout=dist_timeout):
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
     backend = 'nccl' if device.type == 'cuda' else 'gloo'
-    if not dist.is_initialized():
-        # device_id: NCCL binds the group to this GPU at once (no guessing it at the first collective)
-        options = dict(timeout=datetime.timedelta(minutes=timeout), device_id=device if backend == 'nccl' else None)
-        if 'RANK' in os.environ:
-            dist.init_process_group(backend, **options)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **options)
+    if not dist.is_initialized():  # device_id: NCCL binds the group to this GPU at once, not at a first collective
+        alone = {} if 'RANK' in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, **alone, timeout=datetime.timedelta(minutes=timeout),
+                                device_id=device if backend == 'nccl' else None)
     return rank, world, device
 
 
@@ -580,10 +574,9 @@ def shard_from_rank0(model, mesh, bf16, device, reshard_root, shard, copy_of=Non
     return model
 
 
-# Response tokens per log-softmax block, by device: [256, V] float32 is 50 MB for V = 49,152, 131 MB for 128k, and a
-# CPU is no faster with larger blocks. On a GPU each block also costs ~20 kernel launches (forward, recomputation,
-# backward: ~0.1 ms), more than a 256-row head matmul of a small model takes (SmolLM2: 15 GFLOP, ~0.02 ms on an
-# H100); 1024 rows cut that overhead 4x for a block of 0.2 GB (V = 49k) to 0.5 GB (128k). Not timed on a GPU yet.
+# response tokens per log-softmax block: [256, V] float32 is 50 MB for V = 49,152, 131 MB for 128k, and a CPU is no
+# faster with more. On a GPU a block's ~20 kernel launches (~0.1 ms) outlast a 256-row head matmul of a small model
+# (SmolLM2: 15 GFLOP, ~0.02 ms on an H100): 1024 rows cut them 4x for 0.2 to 0.5 GB. Not timed on a GPU yet.
 LOGPS_CHUNK = {'cpu': 256, 'cuda': 1024}
 
 
@@ -698,11 +691,9 @@ def mixed_parameters(policy, ref):
 
 
 def export_entries(policy):
-    """(the HF weights, a LoRA run's PEFT adapter weights) of the policy, each a list of (name, shape, dtype, get):
-    get() gathers one whole tensor (a collective: every rank calls it, in order). Tied weights appear once, under
-    their first name, the one save_pretrained keeps. Everything is float32: a LoRA model's HF weights are merged,
-    W + (alpha/R)·B·A, and a delta under half an ulp of a bf16 W would vanish; its adapters (and a reward model's new
-    score head) go under PEFT's names."""
+    """The policy's (HF weights, a LoRA run's PEFT adapter weights) as lists of (name, shape, dtype, get): get() gathers
+    a whole tensor (every rank calls it). Tied weights appear once, under the name save_pretrained keeps. All float32:
+    a LoRA run's W + (alpha/R)·B·A would lose a delta under half an ulp of a bf16 W."""
     def whole(t):
         return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
     lora = getattr(policy, 'lora_config', None)
@@ -728,20 +719,19 @@ def export_entries(policy):
 
 
 def export_model(folder, policy, tokenizer, cfg):
-    """The policy's HF folder, as save_pretrained writes it (config.json, saying float32; generation_config.json;
-    one model.safetensors, so that replacing it is one atomic step) but streamed: no rank holds more than one whole
-    tensor. A LoRA run's is the merged policy, with its adapters in folder/adapter as PEFT saves them (beside the
-    model, transformers would apply them a second time over the merged weights). They trained on the base in the
-    compute dtype: after dtype=bfloat16, load the base in bf16 (and .float() it for the merged model's float32
-    logits); a float32 base is another model, unrounded. Then the tokenizer and nanotr_config.json. Returns
-    {file: sha256} of the files, on rank 0."""
+    """The policy's HF folder as save_pretrained writes it (config.json saying float32, generation_config.json, one
+    model.safetensors: replaced in one atomic step), streamed: no rank holds more than one whole tensor. A LoRA run's
+    is the merged policy, its adapters in folder/adapter as PEFT saves them (beside the model, transformers would
+    apply them twice); they trained on the base in the compute dtype: after dtype=bfloat16, load the base in bf16
+    (a float32 base is another model, unrounded). With the tokenizer and nanotr_config.json. Returns {file: sha256}
+    of the files, on rank 0."""
     weights, adapters = export_entries(policy)
     master, lora_config = dist.get_rank() == 0, getattr(policy, 'lora_config', None)
     digests = {'model.safetensors': write_safetensors(folder / 'model.safetensors', weights, master)}
     if lora_config:
         digests['adapter/adapter_model.safetensors'] = write_safetensors(
             folder / 'adapter' / 'adapter_model.safetensors', adapters, master)
-    if not master:  # the gathers are over: what follows is rank 0's alone
+    if not master:  # the gathers are over
         return {}
     if lora_config:
         (folder / 'adapter' / 'adapter_config.json').write_text(json.dumps(lora_config, indent=2))
@@ -752,15 +742,17 @@ def export_model(folder, policy, tokenizer, cfg):
         policy.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / 'nanotr_config.json').write_text(json.dumps(cfg, indent=2))
-    others = [f for f in files(folder) if f.relative_to(folder).parts[0] != 'state']
-    return {**{str(f.relative_to(folder)): sha256(f) for f in others}, **digests}
+    others = [f.relative_to(folder) for f in files_of(folder)]  # the small files; state/ is each rank's to hash
+    return {**{str(f): sha256(folder / f) for f in others if f.parts[0] != 'state' and str(f) not in digests},
+            **digests}
 
 
 def memory_estimate(policy, ref, world):
     """Estimated bytes per device of a run's state: the policy's weights (LoRA: the base in the compute dtype and the
     float32 adapters), the gradients and AdamW's two moments of the trained parameters, and the reference (a second
     float32 model, a LoRA run's reference adapters, or nothing). FSDP shards each over the world (a world of one holds
-    it whole). Activations, FSDP's gathered layers and autocast's bf16 copies come on top."""
+    it whole), the gradients too whatever grad_accum: each micro-step reduce-scatters its own. Activations, FSDP's
+    gathered layers and autocast's bf16 copies come on top."""
     ref_params = mixed_parameters(policy, ref)[0] if ref is not None else []
     in_ref = {id(p) for p in ref_params}
     trained = [p for p in policy.parameters() if p.requires_grad]
@@ -773,9 +765,9 @@ def memory_estimate(policy, ref, world):
 
 # -----------------------------------------------------------------------------
 # checkpoints. out_dir holds the policy as an HF model, what from_pretrained loads (float32; a LoRA run's is merged,
-# its adapters in out_dir/adapter), with the tokenizer and nanotr_config.json; state/, the rest of what resume needs in
+# its adapters in out_dir/adapter), with the tokenizer and nanotr_config.json; state/, the rest of what resume needs, in
 # torch.distributed.checkpoint's format (a file per rank); and checkpoint.json, written last: the iteration, the
-# settings, the sha256 of every file and a digest of itself.
+# settings, the sha256 of every file, and a digest of itself (data/files.py's seal).
 # a resumed run may change the resumable settings (how far it goes, what it logs, where and how it computes); every
 # other setting defines the run (batch_size also which pairs each step reads), and resume refuses to change it
 RESUMABLE = [name for name, (_, rule) in declared(globals()).items() if rule.resumable]
@@ -787,8 +779,8 @@ RUN_FILES = ('checkpoint.json', 'state', 'state.pt', 'metrics.jsonl', 'nanotr_co
 
 
 def run_fingerprints(cfg, master):
-    """What the pairs and a LoRA run's base weights were read from, checked at resume like the settings (the same path
-    may hold other data by then, and adapters on another base would be silently wrong): hashed once, by rank 0."""
+    """What the pairs and a LoRA run's base were read from, checked at resume like the settings (the same path may
+    hold other data by then, and adapters on another base would be silently wrong): hashed once, by rank 0."""
     fingerprints = [{'data_fingerprint': fingerprint(cfg['data'], splits=True),
                      **({'init_from_fingerprint': fingerprint(cfg['init_from'])} if cfg['lora_rank'] else {})}
                     if master else None]
@@ -796,34 +788,13 @@ def run_fingerprints(cfg, master):
     return fingerprints[0]
 
 
-def first_error(error):  # the first 'error: ...' line (or None) of those the ranks pass
+def stop_together(error):
+    """Every rank stops, or none: `error` is this rank's 'error: ...' line or None; all raise the first one, which
+    only rank 0 prints (__main__)."""
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
-
-
-def stop_together(error):
-    """Every rank stops, or none: `error` is this rank's 'error: ...' line or None. All raise the first one, which
-    only rank 0 prints (__main__)."""
-    if error := first_error(error):
+    if error := next((e for e in errors if e), None):
         raise SystemExit(error)
-
-
-def lock_out_dir(out_dir):
-    """An exclusive lock on out_dir/.lock, held while the returned file stays open (the OS drops it when the process
-    ends, even by kill -9): two runs in one out_dir would write over each other's checkpoint files."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / '.lock', 'w')
-    except OSError as e:  # a file of that name, a read-only or full disk
-        raise SystemExit(f'error: cannot use out_dir={out_dir}: {e.strerror or e}')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise SystemExit(f'error: another run is using {out_dir} (it holds {out_dir / ".lock"}); wait for it to end, '
-                         'or use another out_dir')
-    return lock
 
 
 def open_out_dir(cfg, master):
@@ -836,7 +807,7 @@ def open_out_dir(cfg, master):
         try:
             lock = lock_out_dir(out_dir)
             check_out_dir(cfg)  # what a run that held the lock until now left
-            commit_checkpoint(out_dir)
+            commit_folder(out_dir / '.tmp_checkpoint', out_dir, 'checkpoint.json')
         except SystemExit as e:
             error = str(e)
     stop_together(error)
@@ -847,8 +818,8 @@ def open_out_dir(cfg, master):
 
 def check_out_dir(cfg):
     """A fresh run needs an out_dir without anything a run writes (RUN_FILES). A resumed run needs an unedited
-    checkpoint.json saved with the same settings, apart from those in RESUMABLE; so does an interrupted save in
-    .tmp_checkpoint, which is committed before resuming: another run's is refused, touching nothing."""
+    checkpoint.json saved with the same settings, apart from the resumable ones; so does a save that a kill
+    interrupted (in .tmp_checkpoint, committed before resuming): another run's is refused, touching nothing."""
     out_dir = Path(cfg['out_dir']).resolve()
     for key in ('init_from', 'ref_from', 'data'):  # a checkpoint there would overwrite that model, or mix into the data
         if cfg[key] and Path(cfg[key]).resolve() == out_dir:  # ref_from='' is no path (Path('') is the working dir)
@@ -873,35 +844,27 @@ def check_out_dir(cfg):
                              f"{'; '.join(changed)}. A resumed run may change only {', '.join(RESUMABLE)}")
 
 
-def manifest_digest(manifest):
-    content = json.dumps({k: v for k, v in manifest.items() if k != 'digest'}, sort_keys=True)
-    return hashlib.sha256(content.encode()).hexdigest()
-
-
 def read_manifest(path):
     """checkpoint.json, refused in one line unless it is what save_checkpoint wrote, unedited: an entry removed would
-    leave its file unchecked, another iteration would resume at the wrong data position."""
+    leave its file unchecked, another iteration would resume at another data position."""
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f'error: {path} is missing or unreadable ({type(e).__name__}); the checkpoint in '
                          f'{path.parent} cannot be verified, so it is not resumed')
-    if not isinstance(manifest, dict) or manifest.get('digest') != manifest_digest(manifest):
+    if not isinstance(manifest, dict) or seal(manifest) != manifest:
         raise SystemExit(f'error: {path} is not as it was saved (its digest does not match its content: edited, or '
                          f'written by an older nanoTR); the checkpoint in {path.parent} is not resumed')
     return manifest
 
 
 def check_checksums(out_dir):
-    """Stops every rank in one line unless each file that out_dir/checkpoint.json lists has the sha256 recorded there.
-    Each file is read once, by one rank: the files go round the ranks from the largest."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    listed = read_manifest(out_dir / 'checkpoint.json')['sha256']
-    by_size = sorted(listed, key=lambda n: -(out_dir / n).stat().st_size if (out_dir / n).is_file() else 0)
-    damaged = next((n for n in by_size[rank::world] if not (out_dir / n).is_file()
-                    or sha256(out_dir / n) != listed[n]), None)
+    """Stops every rank in one line unless each file that out_dir/checkpoint.json lists has the sha256 recorded there,
+    each file hashed once, by one rank."""
+    damaged = first_mismatch(out_dir, read_manifest(out_dir / 'checkpoint.json')['sha256'], dist.get_rank(),
+                             dist.get_world_size())
     stop_together(damaged and f'error: {out_dir / damaged} is missing or changed since it was saved (its sha256 '
-                              f"differs from {out_dir / 'checkpoint.json'}); the checkpoint is damaged and is not resumed")
+                              f"differs from {out_dir / 'checkpoint.json'}); the checkpoint is damaged, not resumed")
 
 
 def resume_state(policy, ref, optimizer):
@@ -917,74 +880,45 @@ def resume_state(policy, ref, optimizer):
 
 
 def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg):
-    """Writes out_dir/.tmp_checkpoint, which commit_checkpoint then moves into out_dir: state/, each rank its own
-    shards of resume_state, in parallel; the HF export, streamed by rank 0 (export_model); each file hashed once, by
-    the rank that wrote it; last, checkpoint.json with every digest. A kill at any point leaves a whole checkpoint:
-    before checkpoint.json exists the previous one is untouched, after it the move is finished by the next start. A
-    failed write on any rank (a full disk) stops every rank in one line."""
+    """Writes out_dir/.tmp_checkpoint: state/, each rank its own shards of resume_state, in parallel; the HF export,
+    streamed to rank 0 (export_model); each file hashed once, by the rank that wrote it; last, checkpoint.json with
+    every digest. Then rank 0 commits it into out_dir (data/files.py's commit_folder). A kill at any point leaves a
+    whole checkpoint: before checkpoint.json exists the previous one is untouched, after it the next start finishes
+    the move. A failed write on any rank (a full disk) stops every rank in one line."""
     rank, out_dir = dist.get_rank(), Path(out_dir)
     tmp, digests, error = out_dir / '.tmp_checkpoint', {}, None
     reshard(policy, ref)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-
-    def failed(e):  # a full disk is an OSError; torch.distributed.checkpoint wraps every rank's error in one
-        e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
-        return f'error: could not write the checkpoint of iteration {it} to {tmp} ({type(e).__name__}: ' \
-               f'{" ".join(str(e).split())}); the previous checkpoint in {out_dir} is intact'
-    try:  # raises on every rank if any rank's write failed
+    try:  # a failed write in dcp.save raises on every rank, so all or none go on to the export's gathers
         dcp.save(resume_state(policy, ref, optimizer), checkpoint_id=tmp / 'state')
-        digests = {f'state/{f.name}': sha256(f) for f in (tmp / 'state').iterdir()
-                   if f.name.startswith(f'__{rank}_') or rank == 0 and not f.name.startswith('__')}  # and .metadata
-    except (Exception, dcp.CheckpointException) as e:
-        error = failed(e)
-    if not (error := first_error(error)):  # the export's gathers need every rank
-        try:
-            digests.update(export_model(tmp, policy, tokenizer, cfg))
-        except Exception as e:
-            error = failed(e)
+        digests = export_model(tmp, policy, tokenizer, cfg)
+        digests.update({f'state/{f.name}': sha256(f) for f in (tmp / 'state').iterdir()  # rank 0: also .metadata
+                        if f.name.startswith(f'__{rank}_') or rank == 0 and not f.name.startswith('__')})
+    except (Exception, dcp.CheckpointException) as e:  # a full disk is an OSError; DCP wraps every rank's error
+        e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C while DCP writes: an interruption, not a failed write
+            raise e
+        error = f'error: could not write the checkpoint of iteration {it} to {tmp} ({type(e).__name__}: ' \
+                f'{" ".join(str(e).split())}); the previous checkpoint in {out_dir} is intact'
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, (error, digests))
     error = next((e for e, _ in results if e), None)
     if rank == 0 and not error:
         try:
-            manifest = {'iter': it, 'config': cfg, 'sha256': dict(sorted(d for _, r in results for d in r.items()))}
-            (tmp / 'checkpoint.json.tmp').write_text(json.dumps({**manifest, 'digest': manifest_digest(manifest)}))
+            listed = dict(sorted(digest for _, ranks in results for digest in ranks.items()))
+            (tmp / 'checkpoint.json.tmp').write_text(json.dumps(seal({'iter': it, 'config': cfg, 'sha256': listed})))
             os.replace(tmp / 'checkpoint.json.tmp', tmp / 'checkpoint.json')  # from here on, the save is complete
         except OSError as e:
-            error = failed(e)
+            error = f'error: could not write {tmp / "checkpoint.json"} ({e.strerror or e}); the previous checkpoint ' \
+                    f'in {out_dir} is intact'
     if rank == 0 and error:
         shutil.rmtree(tmp, ignore_errors=True)
     stop_together(error)
     if rank == 0:
-        commit_checkpoint(out_dir)
+        commit_folder(tmp, out_dir, 'checkpoint.json')
     dist.barrier()
-
-
-def commit_checkpoint(out_dir):
-    """Moves a complete out_dir/.tmp_checkpoint into out_dir, file by file with atomic renames and checkpoint.json last,
-    deleting before that the state/ files it does not list (another world size writes other shard files); or deletes
-    an incomplete one (no checkpoint.json). Called again after a kill, it finishes the move: out_dir never stays a mix
-    of two checkpoints."""
-    tmp = out_dir / '.tmp_checkpoint'
-    if not (tmp / 'checkpoint.json').is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    listed = json.loads((tmp / 'checkpoint.json').read_text())['sha256']
-    for f in files(tmp):
-        if f.name != 'checkpoint.json':
-            (out_dir / f.relative_to(tmp)).parent.mkdir(exist_ok=True)
-            os.replace(f, out_dir / f.relative_to(tmp))
-    for f in files(out_dir / 'state'):
-        if str(f.relative_to(out_dir)) not in listed:
-            f.unlink()
-    os.replace(tmp / 'checkpoint.json', out_dir / 'checkpoint.json')
-    shutil.rmtree(tmp)  # its empty folders
-
-
-def files(folder):  # the files of a checkpoint folder and of its folders (state/, adapter/), sorted
-    return sorted(f for f in folder.rglob('*') if f.is_file())
 
 
 def load_checkpoint(out_dir, ref, optimizer, policy):
@@ -1126,28 +1060,6 @@ def load_models(cfg, device, world):
     if cfg['ref_from'] and [p.shape for p in policy.parameters()] != [p.shape for p in ref.parameters()]:
         raise SystemExit('error: ref_from must have the same architecture as init_from (the update mixes them)')
     return policy, ref, compute_dtype
-
-
-def open_log(cfg, out_dir, resume_iter, master):
-    """log(record): a line of metrics.jsonl (and a wandb point) on rank 0; nothing on the other ranks."""
-    if not master:
-        return lambda record: None
-    path = out_dir / 'metrics.jsonl'
-    open_metrics(path, resume_iter).close()  # each record is appended in its own open: a kill loses no line
-    wandb = __import__('wandb') if cfg['wandb_log'] else None
-    if wandb is not None:
-        wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg)
-
-    def log(record):
-        try:
-            with open(path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-        except OSError as e:  # a full disk
-            raise SystemExit(f'error: cannot write {path} ({e.strerror or e}); the last checkpoint in {out_dir} is '
-                             'whole')
-        if wandb is not None:
-            wandb.log(record, step=record['iter'])
-    return log
 
 
 def main(argv):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_tr  # noqa: E402
+from data import files  # noqa: E402
 
 counts, phase = Counter(), ['start']
 
@@ -31,7 +32,8 @@ def in_phase(name, fn):
     return wrapper
 
 
-train_tr.fingerprint, train_tr.sha256 = counted('fingerprint', train_tr.fingerprint), counted('sha256', train_tr.sha256)
+train_tr.fingerprint = counted('fingerprint', train_tr.fingerprint)
+train_tr.sha256 = files.sha256 = counted('sha256', train_tr.sha256)  # files: the checks of a resume
 train_tr.save_checkpoint = in_phase('save', train_tr.save_checkpoint)
 train_tr.check_checksums = in_phase('verify', train_tr.check_checksums)
 args = [f'--out_dir={sys.argv[1]}', f'--max_iters={sys.argv[2]}', *sys.argv[3:], '--init_from=data/tiny/sft',
