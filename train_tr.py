@@ -798,9 +798,8 @@ def stop_together(error):
 
 
 def open_out_dir(cfg, master):
-    """Checks out_dir on every rank (a refused run leaves nothing behind); rank 0 locks it (the returned lock is held
-    while the run lasts), checks it again under the lock and commits a save that a kill interrupted; then the ranks
-    verify a checkpoint to resume."""
+    """Checks out_dir on every rank (a refused run leaves nothing behind); rank 0 locks it for the run, checks it again
+    and commits a save that a kill interrupted; the ranks verify a checkpoint to resume."""
     out_dir, lock, error = Path(cfg['out_dir']), None, None
     check_out_dir(cfg)
     if master:
@@ -868,9 +867,8 @@ def check_checksums(out_dir):
 
 
 def resume_state(policy, ref, optimizer):
-    """What resume reads besides the HF export, as sharded state dicts (each rank its own shards, nothing gathered):
-    AdamW's state and the reference, or a LoRA run's adapters (the policy's, which the merged export cannot give back,
-    and the reference's; a reward model's score head too)."""
+    """What resume reads besides the HF export, sharded (each rank its own shards): AdamW's state and the reference, or
+    a LoRA run's adapters (the merged export cannot give them back; the reference's; a reward model's score head)."""
     if getattr(policy, 'lora_config', None):
         kept = {n for n, p in policy.named_parameters() if p.requires_grad or n.endswith(('ref_A', 'ref_B'))}
         models = {'adapters': {k: v for k, v in get_model_state_dict(policy).items() if k in kept}}
@@ -880,11 +878,10 @@ def resume_state(policy, ref, optimizer):
 
 
 def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg):
-    """Writes out_dir/.tmp_checkpoint: state/, each rank its own shards of resume_state, in parallel; the HF export,
-    streamed to rank 0 (export_model); each file hashed once, by the rank that wrote it; last, checkpoint.json with
-    every digest. Then rank 0 commits it into out_dir (data/files.py's commit_folder). A kill at any point leaves a
-    whole checkpoint: before checkpoint.json exists the previous one is untouched, after it the next start finishes
-    the move. A failed write on any rank (a full disk) stops every rank in one line."""
+    """Writes out_dir/.tmp_checkpoint (state/: each rank its shards of resume_state; the HF export, streamed to rank 0;
+    each file hashed once, by its writer; checkpoint.json last), then commits it into out_dir. A kill leaves a whole
+    checkpoint: the previous one until checkpoint.json exists, then the next start finishes the move. A failed write
+    on any rank (a full disk) stops every rank in one line."""
     rank, out_dir = dist.get_rank(), Path(out_dir)
     tmp, digests, error = out_dir / '.tmp_checkpoint', {}, None
     reshard(policy, ref)
@@ -922,8 +919,8 @@ def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg):
 
 
 def load_checkpoint(out_dir, ref, optimizer, policy):
-    """Restores resume_state on every rank, each reading the shards it needs (DCP reshards a checkpoint of another
-    world size); returns the step. The policy is out_dir's HF model; a LoRA run's base is init_from's."""
+    """Restores resume_state, each rank reading the shards it needs (DCP reshards another world size's); returns the
+    step. The policy is out_dir's HF model; a LoRA run's base is init_from's."""
     state = resume_state(policy, ref, optimizer)
     dcp.load(state, checkpoint_id=Path(out_dir) / 'state')
     if 'adapters' in state:

@@ -105,8 +105,8 @@ def test_gpu_check_dry_run(tmp_path):
     checks that hold on a CPU (ln 2 at the start, finite and falling losses, the resume against the straight run),
     the others skipped, saying so; a failed check (lr=0: the loss does not fall) stops it with a non-zero status."""
     def dry_run(work, **settings):
-        env = dict(os.environ, OMP_NUM_THREADS='1', MODEL='data/tiny/sft', DATA='data/tiny', DEVICE='cpu', STEPS='4',
-                   BATCH='8', LR='1e-3', WORK=str(work), **settings)
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MODEL': 'data/tiny/sft', 'DATA': 'data/tiny', 'DEVICE': 'cpu',
+               'STEPS': '4', 'BATCH': '8', 'LR': '1e-3', 'WORK': str(work), **settings}
         return subprocess.run(['bash', 'tests/gpu_check.sh'], cwd=REPO, capture_output=True, text=True, env=env,
                               timeout=600)
     proc = dry_run(tmp_path / 'ok')
