@@ -38,7 +38,8 @@ Run `python train_tr.py` (TR-DPO on the toy in data/toy, ~15 s on a CPU) or `tor
 --key=value ...`: every setting below can be overridden (--help lists them); README.md has the recipes.
 """
 import copy
-import fcntl
+import datetime
+import fnmatch
 import json
 import math
 import os
@@ -54,6 +55,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -62,8 +64,10 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from data.files import (commit_folder, copy_folder, files_of, first_mismatch, lock_out_dir, open_log, seal,
+                        write_safetensors)
 from data.pairs import (RUN_STATE, check_model_path, check_vocabulary, fingerprint, layout, load_pairs, load_tokenizer,
-                        make_batch, note_evaluation, padding_id, read_jsonl, sha256, step_pair_indices, truncate)
+                        make_batch, note_evaluation, padding_id, sha256, step_pair_indices, truncate)
 from data.settings import (DEVICE, PROMPT_FITS, RESUMABLE, check_settings, declared, defaults_of, need, one_of,
                            parse_overrides)
 
@@ -75,7 +79,7 @@ from data.settings import (DEVICE, PROMPT_FITS, RESUMABLE, check_settings, decla
 REFERENCE = "loss not in ('sft', 'rm')"                 # the losses that compare the policy with a reference
 # I/O
 out_dir: need('out_dir.strip()', resumable=True, why='names no folder') = 'out'
-                                                        # the run's folder: HF model, resume state, metrics.jsonl
+                                                        # the run's folder: HF model, state/ (to resume), metrics.jsonl
 init_from: str = 'data/toy/sft'                         # the policy: HF hub name or HF folder (usually the SFT model)
 ref_from: need('not (ref_from and lora_rank)', only=REFERENCE, why='needs lora_rank=0') = ''
                                                         # the reference at step 0 (full fine-tuning); '' = init_from
@@ -130,6 +134,12 @@ grad_clip: need('grad_clip >= 0') = 2.0                 # max gradient norm (pap
 device: DEVICE = 'auto'                                 # auto | cpu | cuda
 dtype: one_of('auto', 'float32', 'bfloat16', resumable=True) = 'auto'
                                                         # compute dtype; auto: bfloat16 on CUDA, else float32
+fsdp: one_of('auto', 'always', resumable=True) = 'auto'  # auto: FSDP2 shards over several processes; always: one
+                                                        # too (a GPU through the multi-GPU path; tests/gpu_check.sh)
+dist_timeout: need('dist_timeout > 0', resumable=True) = 60.0  # minutes a collective waits for a slower rank (NCCL's:
+                                                        # 10). Rank 0 alone streams an 8B float32 export of 32 GB (~5
+                                                        # min at 100 MB/s) and may first download 16 GB; torchrun
+                                                        # stops a crashed rank at once: this bounds a hang only
 grad_checkpoint: RESUMABLE = False                      # activation checkpointing of each decoder layer
 peak_flops: need('peak_flops > 0', resumable=True) = 989e12  # per-device peak for MFU (H100 dense bf16)
 seed: need('0 <= seed < 2**64') = 1337                  # data order, and a reward model's or LoRA's initialization
@@ -230,18 +240,20 @@ def kto_baseline(policy, ref, pairs, micro_size, pad_id, cfg, device):
     """KTO's z for a whole global batch (every rank passes the same pairs): each prompt x_i with both responses of the
     next pair, (x_i, y_w,i+1) and (x_i, y_l,i+1), the mismatched pairs that TRL builds from chosen and rejected
     completions alike; z = max(0, mean log-ratio over all of them), without gradient. Each rank computes its share
-    and one all-reduce sums them: z is one value per optimizer step, whatever the split over ranks and micro-steps."""
+    and one all-reduce sums them: z is one value per optimizer step, whatever the split over ranks and micro-steps.
+    Returns z and the tokens of this rank's forwards (they count in tokens/s and MFU)."""
     rank, world, n = dist.get_rank(), dist.get_world_size(), len(pairs)
     rows = [truncate(pairs[i].prompt, [pairs[(i + 1) % n].chosen, pairs[(i + 1) % n].rejected], cfg['max_length'],
                      cfg['max_prompt_length']) for i in range(rank, n, world)]
-    total = torch.zeros(2, device=device)  # Σ log-ratio, count
+    total, tokens = torch.zeros(2, device=device), torch.zeros((), device=device)  # Σ log-ratio, count
     with torch.no_grad():
         for start in range(0, len(rows), micro_size):
             batch = layout(rows[start:start + micro_size], pad_id, device)
             rho = sequence_logps(policy, batch)[0] - sequence_logps(ref, batch)[0]
             total += torch.stack([rho.sum(), torch.tensor(float(len(rho)), device=device)])
+            tokens += batch['n_tokens']
     dist.all_reduce(total)
-    return (total[0] / total[1]).clamp(min=0)
+    return (total[0] / total[1]).clamp(min=0), tokens
 
 
 def closest_member(margins, reward_margins):
@@ -320,15 +332,21 @@ def update_reference(policy, ref, alpha):
     """θ_ref ← α·θ + (1−α)·θ_ref (α = 1: θ_ref ← θ), in fp32 on the local shards of both models. In a LoRA run θ is
     the adapters, the parameters that train: A_ref ← α·A + (1−α)·A_ref and B_ref ← α·B + (1−α)·B_ref on the one
     model that holds both sets (not a mix of the products B·A: the module docstring has the difference)."""
-    for module in {*policy.modules(), *(ref.modules() if isinstance(ref, torch.nn.Module) else [])}:
-        if isinstance(module, FSDPModule):
-            module.reshard()  # the mix must land in the sharded storage, not in a gathered copy
+    reshard(policy, ref)  # the mix must land in the sharded storage, not in a gathered copy
     ref_params, policy_params = ([p.to_local() if isinstance(p, DTensor) else p for p in params]
                                  for params in mixed_parameters(policy, ref))
     if alpha == 1.0:
         torch._foreach_copy_(ref_params, policy_params)
     else:
         torch._foreach_lerp_(ref_params, policy_params, alpha)
+
+
+def reshard(*models):
+    """FSDP's sharded parameters, the optimizer's and the checkpoint's, registered again where a forward left them
+    gathered (the policy's root stays gathered until its backward, and an evaluation has none)."""
+    for module in {m for model in models if isinstance(model, torch.nn.Module) for m in model.modules()}:
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 # -----------------------------------------------------------------------------
@@ -341,8 +359,7 @@ def train(cfg):
     torch.manual_seed(cfg['seed'])  # a new score head, LoRA's A; nothing else draws from torch's generator
     # every input is checked before out_dir is touched
     tokenizer, train_pairs, eval_pairs = load_data(cfg, master, world * micro_size)
-    # what the pairs were read from, checked at resume like the settings: the same path may hold other data by then
-    cfg = {**cfg, 'data_fingerprint': fingerprint(cfg['data'], splits=True)}
+    cfg = {**cfg, **run_fingerprints(cfg, master)}
     pad_id = padding_id(tokenizer)
     out_dir, lock = Path(cfg['out_dir']), open_out_dir(cfg, master)
     policy, ref, compute_dtype = load_models(cfg, device, world)
@@ -354,7 +371,9 @@ def train(cfg):
     start_iter = load_checkpoint(out_dir, ref, optimizer, policy) if cfg['resume'] else 0
     if start_iter >= cfg['max_iters']:
         print0(f"note: the saved run is at iteration {start_iter}, max_iters={cfg['max_iters']}: nothing to train")
-    log = open_log(cfg, out_dir, start_iter if cfg['resume'] else None, master)
+    wandb_init = dict(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg)
+    log = open_log(out_dir / 'metrics.jsonl', start_iter if cfg['resume'] else None,
+                   wandb_init if cfg['wandb_log'] else None) if master else lambda record: None
     print0(f'{n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in trained) / 1e6:.2f}M trained), world size '
            f'{world}, {micro_size} pairs per micro-batch, compute dtype {compute_dtype}, device {device}')
     print0('estimated memory per device: ' + ', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in memory_estimate(
@@ -366,10 +385,9 @@ def train(cfg):
         if record:
             log({'iter': it, **record})
             print0(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()))
-        save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master)
-        if cfg['snapshots'] and master:  # the model files only: a snapshot is for sampling, not for resuming
-            shutil.copytree(out_dir, out_dir / f'iter_{it}', dirs_exist_ok=True, ignore=lambda d, names: [
-                n for n in names if n in RUN_STATE or n.startswith(('iter_', '.'))])
+        save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg)
+        if cfg['snapshots']:
+            stop_together(save_snapshot(out_dir, it) if master else None)
 
     spec = LOSSES[cfg['loss']]
     moving_ref = ref is not None and cfg['ref_update'] != 'none'
@@ -383,19 +401,23 @@ def train(cfg):
             group['lr'] = lr
         step_pairs = [train_pairs[i] for i in step_pair_indices(len(train_pairs), it - 1, cfg['batch_size'],
                                                                 cfg['seed'])]
-        kto_z = kto_baseline(policy, ref, step_pairs, micro_size, pad_id, cfg, device) if spec.mismatched else None
+        kto_z, forward_tokens = kto_baseline(policy, ref, step_pairs, micro_size, pad_id, cfg, device) \
+            if spec.mismatched else (None, torch.zeros((), device=device))
         mine = step_pairs[rank::world]
         batches = [make_batch(mine[m * micro_size:(m + 1) * micro_size], spec.pairs, pad_id, device)
                    for m in range(cfg['grad_accum'])]
         member = edistill_member(policy, ref, batches, cfg)
+        if member is not None:  # its forwards without gradient count as KTO's do
+            forward_tokens = forward_tokens + sum(b['n_tokens'] for b in batches)
         # The objective is a mean over the global batch (of pairs, or of response tokens for sft). FSDP averages
         # gradients over ranks, so each rank scales its sum by world/denominator.
         denominator = sum(loss_denominator(b, cfg['loss']) for b in batches)
         dist.all_reduce(denominator)
-        sums = {}
-        for m, batch in enumerate(batches):
-            if isinstance(policy, FSDPModule):  # reduce gradients once, after the last micro-step
-                policy.set_requires_gradient_sync(m == len(batches) - 1)
+        # FSDP reduce-scatters the gradients after every micro-step and sums them into the sharded ones: skipping
+        # that until the last micro-step would keep every parameter's whole float32 gradient on every rank (32 GB
+        # at 8B). LoRA too: its adapters' reduce-scatter is tiny next to the all-gathers of the base weights.
+        sums = {'forward_tokens': forward_tokens}
+        for batch in batches:
             loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z, member)
             (loss_sum * world / denominator).backward()
             metrics = {'loss': loss_sum.detach() / denominator, 'tokens': batch['n_tokens'],
@@ -413,13 +435,13 @@ def train(cfg):
         if it % cfg['log_interval'] == 0 or it == cfg['max_iters']:
             record = {'iter': it, **all_reduce_sums(sums)}
             dt = time.time() - t0
-            tokens = record.pop('tokens')
-            record.update(lr=lr, grad_norm=grad_norm.item(), step_time=dt, tokens_per_sec=tokens / dt,
+            tokens, forwards = record.pop('tokens'), record.pop('forward_tokens')
+            record.update(lr=lr, grad_norm=grad_norm.item(), step_time=dt, tokens_per_sec=(tokens + forwards) / dt,
                           peak_mem_gb=peak_memory_gb(device), ref_updates=ref_updates)
             if device.type == 'cuda':  # FLOPs per token: policy forward 2N, backward 4N (LoRA: 2N, no weight
-                # gradients of the frozen base), reference forward 2N
-                flops = (6 - 2 * (cfg['lora_rank'] > 0) + 2 * (ref is not None)) * n_params
-                record['mfu'] = flops * tokens / dt / (world * cfg['peak_flops'])
+                # gradients of the frozen base), reference forward 2N; the forwards without gradient: 4N
+                flops = (6 - 2 * (cfg['lora_rank'] > 0) + 2 * (ref is not None)) * n_params * tokens
+                record['mfu'] = (flops + 4 * n_params * forwards) / dt / (world * cfg['peak_flops'])
             log(record)
             bar.set_postfix({k.split('/')[-1]: f'{record[k]:.3f}' for k in ('loss', 'rewards/accuracies', 'accuracy',
                                                                            'rewards/margins', 'margin') if k in record})
@@ -445,22 +467,25 @@ def resolve_device(name):
     if name == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f'error: device=cuda, but this torch ({torch.__version__}) sees no CUDA device (a CPU-only '
                          'build, or no GPU visible); use device=cpu or device=auto')
-    return torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name)
+    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name)
+    if device.type == 'cuda':  # float32 matmuls (a float32 run, the fp32 parts of a bf16 one) in TF32 on tensor cores
+        torch.set_float32_matmul_precision('high')
+    return device
 
 
-def setup_distributed(device_name):
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python gets a 1-rank group."""
+def setup_distributed(device_name, timeout=dist_timeout):
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python gets a 1-rank group. Its
+    collectives wait `timeout` minutes for a slower rank (the group of the FSDP mesh is this one)."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     device = resolve_device(device_name)
     if device.type == 'cuda':
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
     backend = 'nccl' if device.type == 'cuda' else 'gloo'
-    if not dist.is_initialized():
-        if 'RANK' in os.environ:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized():  # device_id: NCCL binds the group to this GPU at once, not at a first collective
+        alone = {} if 'RANK' in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, **alone, timeout=datetime.timedelta(minutes=timeout),
+                                device_id=device if backend == 'nccl' else None)
     return rank, world, device
 
 
@@ -497,13 +522,14 @@ def with_response_outputs(model):
     return model
 
 
-def distribute_model(model, mesh, bf16, reshard_root):
-    """Several processes: FSDP2 on each decoder layer (the classes named in model._no_split_modules), then on the root,
-    with bf16 compute over the fp32 weights (MixedPrecisionPolicy); response_outputs is registered as a forward of
-    the root, which holds the embedding and the head it calls. A world of one is not sharded (FSDP's per-layer copies
-    of weights and gradients would be pure cost; README has the figures): there bf16 is autocast around
-    response_outputs. reshard_root=False keeps the root's weights gathered from forward to backward."""
-    if mesh.size() == 1:
+def distribute_model(model, mesh, bf16, reshard_root, shard):
+    """shard (several processes, or fsdp=always): FSDP2 on each decoder layer (the classes named in
+    model._no_split_modules), then on the root, with bf16 compute over the fp32 weights (MixedPrecisionPolicy);
+    response_outputs is registered as a forward of the root, which holds the embedding and the head it calls. Else a
+    world of one, not sharded (FSDP's per-layer copies of weights and gradients would be pure cost; README has the
+    figures): there bf16 is autocast around response_outputs. reshard_root=False keeps the root's weights gathered
+    from forward to backward."""
+    if not shard:
         model.to(mesh.device_type)
         if bf16:
             model.response_outputs = torch.autocast(mesh.device_type, torch.bfloat16)(model.response_outputs)
@@ -526,15 +552,15 @@ def decoder_blocks(model):
     return blocks
 
 
-def shard_from_rank0(model, mesh, bf16, device, reshard_root, copy_of=None):
+def shard_from_rank0(model, mesh, bf16, device, reshard_root, shard, copy_of=None):
     """distribute_model, then under torchrun each rank's shards: broadcast one tensor at a time from rank 0, the only
     rank that read the weights (the others built the model on the meta device), or copied from the local shards of
     copy_of, a model of the same architecture sharded the same way. No rank but 0 ever holds a whole model. The
     non-persistent buffers of a meta model (RoPE's inv_freq) are in no state dict: they are recomputed as transformers
     initializes them."""
     weights = model.state_dict() if dist.get_rank() == 0 and mesh.size() > 1 and copy_of is None else {}
-    distribute_model(model, mesh, bf16, reshard_root)
-    if mesh.size() == 1:
+    distribute_model(model, mesh, bf16, reshard_root, shard)
+    if mesh.size() == 1:  # the one rank read every model itself (a reference is a copy made before sharding)
         return model
     if any(p.device.type == 'meta' for p in model.parameters()):
         model.to_empty(device=device)
@@ -548,7 +574,10 @@ def shard_from_rank0(model, mesh, bf16, device, reshard_root, copy_of=None):
     return model
 
 
-LOGPS_CHUNK = 256  # response tokens per log-softmax: [256, V] float32 is 50 MB for V = 49,152, 131 MB for 128k
+# response tokens per log-softmax block: [256, V] float32 is 50 MB for V = 49,152, 131 MB for 128k, and a CPU is no
+# faster with more. On a GPU a block's ~20 kernel launches (~0.1 ms) outlast a 256-row head matmul of a small model
+# (SmolLM2: 15 GFLOP, ~0.02 ms on an H100): 1024 rows cut them 4x for 0.2 to 0.5 GB. Not timed on a GPU yet.
+LOGPS_CHUNK = {'cpu': 256, 'cuda': 1024}
 
 
 def token_logps(head, hidden, labels):
@@ -558,15 +587,15 @@ def token_logps(head, hidden, labels):
 def response_outputs(model, input_ids, position_ids, attention_mask, predict, labels=None, last=None):
     """The log-prob of each response token (a reward model: the score at each response's last token), from the last
     hidden state at those positions only: no logits for prompt or padding positions. The head and log-softmax run
-    in chunks recomputed in backward, so one [LOGPS_CHUNK, V] float32 block is alive at a time instead of the
+    in chunks recomputed in backward, so one [LOGPS_CHUNK rows, V] float32 block is alive at a time instead of the
     [rows, T, V] logits and their gradient, the largest tensors of a step."""
     hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                               use_cache=False).last_hidden_state.flatten(0, 1)
     if labels is None:
         return model.score(hidden[last])[:, 0].float()
-    head = model.get_output_embeddings()
+    head, chunk = model.get_output_embeddings(), LOGPS_CHUNK[hidden.device.type]
     return torch.cat([checkpoint(token_logps, head, h, y, use_reentrant=False)
-                      for h, y in zip(hidden[predict].split(LOGPS_CHUNK), labels.split(LOGPS_CHUNK))])
+                      for h, y in zip(hidden[predict].split(chunk), labels.split(chunk))])
 
 
 def sequence_logps(model, batch):
@@ -661,50 +690,69 @@ def mixed_parameters(policy, ref):
     return [p for m in modules for p in (m.ref_A, m.ref_B)], [p for m in modules for p in (m.lora_A, m.lora_B)]
 
 
-def split_lora_state(state, lora_config):
-    """A LoRA model's full state dict as (the merged HF weights, the policy's adapters and score head under PEFT's
-    key names, the reference adapters or None). Merged: each adapted Linear's W + (alpha/R)·B·A, and everything in
-    float32, since a delta under half an ulp of a bf16 W would vanish."""
-    scale = lora_config['lora_alpha'] / lora_config['r']
-    merged, adapters, reference = {}, {}, {}
+def export_entries(policy):
+    """The policy's (HF weights, a LoRA run's PEFT adapter weights) as lists of (name, shape, dtype, get): get() gathers
+    a whole tensor (every rank calls it). Tied weights appear once, under the name save_pretrained keeps. All float32:
+    a LoRA run's W + (alpha/R)·B·A would lose a delta under half an ulp of a bf16 W."""
+    def whole(t):
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+    lora = getattr(policy, 'lora_config', None)
+    scale = lora['lora_alpha'] / lora['r'] if lora else None
+    state, seen, weights, adapters = policy.state_dict(keep_vars=True), set(), [], []
     for key, value in state.items():
         module, _, name = key.rpartition('.')
-        if name in ('lora_A', 'lora_B') or key.startswith('score.'):  # PEFT's names: base_model.model.{key}[.weight]
-            adapters['base_model.model.' + re.sub(r'\.(lora_[AB])$', r'.\1.weight', key)] = value
-        if name in ('ref_A', 'ref_B'):
-            reference[key] = value
-        elif module.endswith('.base'):
-            owner = module.removesuffix('.base')
-            merged[f'{owner}.{name}'] = value.float() + (
-                scale * state[f'{owner}.lora_B'] @ state[f'{owner}.lora_A'] if name == 'weight' else 0)
-        elif name not in ('lora_A', 'lora_B'):
-            merged[key] = value.float() if value.is_floating_point() else value
-    return merged, adapters, reference or None
+        if id(value) in seen or name in ('ref_A', 'ref_B'):
+            continue
+        seen.add(id(value))
+        dtype = torch.float32 if value.is_floating_point() else value.dtype
+        if name in ('lora_A', 'lora_B') or lora and key.startswith('score.'):  # PEFT's base_model.model.{key}[.weight]
+            adapters.append(('base_model.model.' + re.sub(r'\.(lora_[AB])$', r'.\1.weight', key), value.shape, dtype,
+                             lambda v=value: whole(v)))
+        if module.endswith('.base') and name == 'weight':  # a LoRALinear's frozen W
+            a, b = (state[f"{module.removesuffix('.base')}.{ab}"] for ab in ('lora_A', 'lora_B'))
+            weights.append((f"{module.removesuffix('.base')}.weight", value.shape, dtype,
+                            lambda v=value, a=a, b=b: whole(v).float() + scale * whole(b) @ whole(a)))
+        elif name not in ('lora_A', 'lora_B'):  # the rest; a LoRALinear's bias under its Linear's name
+            weights.append((re.sub(r'\.base\.bias$', '.bias', key), value.shape, dtype,
+                            lambda v=value, d=dtype: whole(v).to(d)))
+    return weights, adapters
 
 
-def write_adapter(folder, adapters, lora_config):
-    """The policy's adapters as PEFT saves them, which peft.PeftModel.from_pretrained(base, folder) loads. They trained
-    on the base in the compute dtype: after dtype=bfloat16, load the base in bf16 (and .float() it for the merged
-    model's float32 logits); a float32 base is another model, unrounded, whose logits differ by the rounding."""
-    from safetensors.torch import save_file
-    folder.mkdir()
-    (folder / 'adapter_config.json').write_text(json.dumps(lora_config, indent=2))
-    save_file({k: v.contiguous() for k, v in adapters.items()}, folder / 'adapter_model.safetensors',
-              metadata={'format': 'pt'})
-
-
-def read_adapter(folder):
-    """write_adapter's tensors under the model's own parameter names."""
-    from safetensors.torch import load_file
-    return {re.sub(r'\.(lora_[AB])\.weight$', r'.\1', k.removeprefix('base_model.model.')): v
-            for k, v in load_file(Path(folder) / 'adapter_model.safetensors').items()}
+def export_model(folder, policy, tokenizer, cfg):
+    """The policy's HF folder as save_pretrained writes it (config.json saying float32, generation_config.json, one
+    model.safetensors: replaced in one atomic step), streamed: no rank holds more than one whole tensor. A LoRA run's
+    is the merged policy, its adapters in folder/adapter as PEFT saves them (beside the model, transformers would
+    apply them twice); they trained on the base in the compute dtype: after dtype=bfloat16, load the base in bf16
+    (a float32 base is another model, unrounded). With the tokenizer and nanotr_config.json. Returns {file: sha256}
+    of the files, on rank 0."""
+    weights, adapters = export_entries(policy)
+    master, lora_config = dist.get_rank() == 0, getattr(policy, 'lora_config', None)
+    digests = {'model.safetensors': write_safetensors(folder / 'model.safetensors', weights, master)}
+    if lora_config:
+        digests['adapter/adapter_model.safetensors'] = write_safetensors(
+            folder / 'adapter' / 'adapter_model.safetensors', adapters, master)
+    if not master:  # the gathers are over
+        return {}
+    if lora_config:
+        (folder / 'adapter' / 'adapter_config.json').write_text(json.dumps(lora_config, indent=2))
+    config = copy.deepcopy(policy.config)
+    config.dtype, config.architectures = 'float32', [type(policy).__name__.removeprefix('FSDP')]
+    config.save_pretrained(folder)
+    if policy.can_generate():
+        policy.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / 'nanotr_config.json').write_text(json.dumps(cfg, indent=2))
+    others = [f.relative_to(folder) for f in files_of(folder)]  # the small files; state/ is each rank's to hash
+    return {**{str(f): sha256(folder / f) for f in others if f.parts[0] != 'state' and str(f) not in digests},
+            **digests}
 
 
 def memory_estimate(policy, ref, world):
     """Estimated bytes per device of a run's state: the policy's weights (LoRA: the base in the compute dtype and the
     float32 adapters), the gradients and AdamW's two moments of the trained parameters, and the reference (a second
     float32 model, a LoRA run's reference adapters, or nothing). FSDP shards each over the world (a world of one holds
-    it whole). Activations, FSDP's gathered layers and autocast's bf16 copies come on top."""
+    it whole), the gradients too whatever grad_accum: each micro-step reduce-scatters its own. Activations, FSDP's
+    gathered layers and autocast's bf16 copies come on top."""
     ref_params = mixed_parameters(policy, ref)[0] if ref is not None else []
     in_ref = {id(p) for p in ref_params}
     trained = [p for p in policy.parameters() if p.requires_grad]
@@ -716,174 +764,183 @@ def memory_estimate(policy, ref, world):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: out_dir holds an HF model (from_pretrained loads it) plus state.pt, everything resume needs
+# checkpoints. out_dir holds the policy as an HF model, what from_pretrained loads (float32; a LoRA run's is merged,
+# its adapters in out_dir/adapter), with the tokenizer and nanotr_config.json; state/, the rest of what resume needs, in
+# torch.distributed.checkpoint's format (a file per rank); and checkpoint.json, written last: the iteration, the
+# settings, the sha256 of every file, and a digest of itself (data/files.py's seal).
 # a resumed run may change the resumable settings (how far it goes, what it logs, where and how it computes); every
 # other setting defines the run (batch_size also which pairs each step reads), and resume refuses to change it
 RESUMABLE = [name for name, (_, rule) in declared(globals()).items() if rule.resumable]
+# what a run writes in out_dir (fnmatch patterns): a fresh run refuses an out_dir holding any of it, so that no earlier
+# run's checkpoint, metrics or snapshots end up beside its own
+RUN_FILES = ('checkpoint.json', 'state', 'state.pt', 'metrics.jsonl', 'nanotr_config.json', 'config.json',
+             'generation_config.json', '*.safetensors', 'adapter', 'tokenizer*', 'special_tokens_map.json',
+             'added_tokens.json', 'vocab.*', 'merges.txt', 'chat_template.*', 'iter_*', '.tmp_*', '*.tmp')
 
 
-def lock_out_dir(out_dir):
-    """An exclusive lock on out_dir/.lock, held while the returned file stays open (the OS drops it when the process
-    ends, even by kill -9): two runs in one out_dir would write over each other's checkpoint files."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / '.lock', 'w')
-    except OSError as e:  # a file of that name, a read-only or full disk
-        raise SystemExit(f'error: cannot use out_dir={out_dir}: {e.strerror or e}')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise SystemExit(f'error: another run is using {out_dir} (it holds {out_dir / ".lock"}); wait for it to end, '
-                         'or use another out_dir')
-    return lock
+def run_fingerprints(cfg, master):
+    """What the pairs and a LoRA run's base were read from, checked at resume like the settings (the same path may
+    hold other data by then, and adapters on another base would be silently wrong): hashed once, by rank 0."""
+    fingerprints = [{'data_fingerprint': fingerprint(cfg['data'], splits=True),
+                     **({'init_from_fingerprint': fingerprint(cfg['init_from'])} if cfg['lora_rank'] else {})}
+                    if master else None]
+    dist.broadcast_object_list(fingerprints)
+    return fingerprints[0]
+
+
+def stop_together(error):
+    """Every rank stops, or none: `error` is this rank's 'error: ...' line or None; all raise the first one, which
+    only rank 0 prints (__main__)."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if error := next((e for e in errors if e), None):
+        raise SystemExit(error)
 
 
 def open_out_dir(cfg, master):
-    """Checks out_dir (a refused run leaves nothing behind), locks it (rank 0; the returned lock is held while the run
-    lasts), finishes a save that a kill interrupted, checks again what that left, verifies a checkpoint to resume."""
-    out_dir = Path(cfg['out_dir'])
+    """Checks out_dir on every rank (a refused run leaves nothing behind); rank 0 locks it for the run, checks it again
+    and commits a save that a kill interrupted; the ranks verify a checkpoint to resume."""
+    out_dir, lock, error = Path(cfg['out_dir']), None, None
     check_out_dir(cfg)
-    lock = lock_out_dir(out_dir) if master else None
     if master:
-        commit_checkpoint(out_dir)
-    dist.barrier()
-    check_out_dir(cfg)
+        try:
+            lock = lock_out_dir(out_dir)
+            check_out_dir(cfg)  # what a run that held the lock until now left
+            commit_folder(out_dir / '.tmp_checkpoint', out_dir, 'checkpoint.json')
+        except SystemExit as e:
+            error = str(e)
+    stop_together(error)
     if cfg['resume']:
         check_checksums(out_dir)
     return lock
 
 
 def check_out_dir(cfg):
-    """A fresh run needs an out_dir without a saved run, so that no state.pt of another run is left for a later resume
-    to continue; a resumed run needs a whole checkpoint (every file as its checkpoint.json lists it) saved with the
-    same settings, apart from those in RESUMABLE."""
+    """A fresh run needs an out_dir without anything a run writes (RUN_FILES). A resumed run needs an unedited
+    checkpoint.json saved with the same settings, apart from the resumable ones; so does a save that a kill
+    interrupted (in .tmp_checkpoint, committed before resuming): another run's is refused, touching nothing."""
     out_dir = Path(cfg['out_dir']).resolve()
     for key in ('init_from', 'ref_from', 'data'):  # a checkpoint there would overwrite that model, or mix into the data
         if cfg[key] and Path(cfg[key]).resolve() == out_dir:  # ref_from='' is no path (Path('') is the working dir)
             raise SystemExit(f"error: out_dir={cfg['out_dir']} is {key}={cfg[key]}; the run would write its "
                              'checkpoints over its own input: use another out_dir')
-    path = out_dir / 'state.pt'
     if not cfg['resume']:
-        if path.exists():
-            raise SystemExit(f"error: {cfg['out_dir']} holds a saved run ({path}); continue it with --resume=True, "
-                             f'use another out_dir, or delete {path} to start a new run there')
+        found = sorted(f.name for f in out_dir.iterdir() if any(fnmatch.fnmatch(f.name, p) for p in RUN_FILES)) \
+            if out_dir.is_dir() else []
+        if found:
+            raise SystemExit(f"error: {cfg['out_dir']} holds files of an earlier run ({', '.join(found)}); continue "
+                             'it with --resume=True, use another out_dir, or delete them to start a new run there')
         return
-    if not path.is_file():
-        raise SystemExit(f'error: resume=True but {path} does not exist')
+    manifests = [p for p in (out_dir / 'checkpoint.json', out_dir / '.tmp_checkpoint/checkpoint.json') if p.is_file()]
+    if not manifests:
+        raise SystemExit(f"error: resume=True but {out_dir / 'checkpoint.json'} does not exist")
+    for path in manifests:
+        saved = read_manifest(path)['config']
+        changed = [f'{k}={saved[k]!r} saved, {v!r} now' for k, v in cfg.items()
+                   if k in saved and k not in RESUMABLE and saved[k] != v]
+        if changed:
+            raise SystemExit(f"error: resume=True with other settings than the run saved in {path}: "
+                             f"{'; '.join(changed)}. A resumed run may change only {', '.join(RESUMABLE)}")
+
+
+def read_manifest(path):
+    """checkpoint.json, refused in one line unless it is what save_checkpoint wrote, unedited: an entry removed would
+    leave its file unchecked, another iteration would resume at another data position."""
     try:
-        saved = torch.load(path, map_location='cpu', mmap=True, weights_only=True)['config']
-    except Exception as e:  # empty, cut short, or not a checkpoint
-        raise SystemExit(f'error: {path} is damaged ({type(e).__name__}); the checkpoint cannot be resumed')
-    changed = [f'{k}={saved[k]!r} saved, {v!r} now' for k, v in cfg.items()
-               if k in saved and k not in RESUMABLE and saved[k] != v]
-    if changed:
-        raise SystemExit(f"error: resume=True with other settings than the run saved in {path}: {'; '.join(changed)}. "
-                         f"A resumed run may change only {', '.join(RESUMABLE)}")
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'error: {path} is missing or unreadable ({type(e).__name__}); the checkpoint in '
+                         f'{path.parent} cannot be verified, so it is not resumed')
+    if not isinstance(manifest, dict) or seal(manifest) != manifest:
+        raise SystemExit(f'error: {path} is not as it was saved (its digest does not match its content: edited, or '
+                         f'written by an older nanoTR); the checkpoint in {path.parent} is not resumed')
+    return manifest
 
 
 def check_checksums(out_dir):
-    """Stops in one line unless every file that out_dir/checkpoint.json lists has the sha256 recorded there."""
-    manifest = out_dir / 'checkpoint.json'
-    try:
-        files = json.loads(manifest.read_text())['sha256']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f'error: {manifest} is missing or unreadable ({type(e).__name__}); the checkpoint in '
-                         f'{out_dir} cannot be verified, so it is not resumed')
-    for name, digest in files.items():
-        if not (out_dir / name).is_file() or sha256(out_dir / name) != digest:
-            raise SystemExit(f'error: {out_dir / name} is missing or changed since it was saved (its sha256 differs '
-                             f'from {manifest}); the checkpoint is damaged and is not resumed')
+    """Stops every rank in one line unless each file that out_dir/checkpoint.json lists has the sha256 recorded there,
+    each file hashed once, by one rank."""
+    damaged = first_mismatch(out_dir, read_manifest(out_dir / 'checkpoint.json')['sha256'], dist.get_rank(),
+                             dist.get_world_size())
+    stop_together(damaged and f'error: {out_dir / damaged} is missing or changed since it was saved (its sha256 '
+                              f"differs from {out_dir / 'checkpoint.json'}); the checkpoint is damaged, not resumed")
 
 
-def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg, master):
-    """Every rank gathers full state dicts; rank 0 writes them to out_dir/.tmp_checkpoint: the HF model (the policy
-    in float32, which resume reads back), the tokenizer, state.pt (reference, optimizer, step, config) and, last,
-    checkpoint.json with the sha256 of each file. commit_checkpoint then moves them into out_dir. A kill at any point
-    leaves a whole checkpoint: before checkpoint.json exists the previous one is untouched, after it the move is
-    finished by the next start. A failed write (a full disk) stops the run in one line. A LoRA run's HF model is the
-    merged policy, for users; resume rebuilds the base from init_from and reads the adapters: the policy's from
-    out_dir/adapter (PEFT's files: beside the model, transformers would load them a second time over the merged
-    weights), the reference's from state.pt."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    policy_state = get_model_state_dict(policy, options=options)
-    lora_config = getattr(policy, 'lora_config', None)
-    if lora_config:
-        policy_state, adapters, ref_state = split_lora_state(policy_state, lora_config)
+def resume_state(policy, ref, optimizer):
+    """What resume reads besides the HF export, sharded (each rank its own shards): AdamW's state and the reference, or
+    a LoRA run's adapters (the merged export cannot give them back; the reference's; a reward model's score head)."""
+    if getattr(policy, 'lora_config', None):
+        kept = {n for n, p in policy.named_parameters() if p.requires_grad or n.endswith(('ref_A', 'ref_B'))}
+        models = {'adapters': {k: v for k, v in get_model_state_dict(policy).items() if k in kept}}
     else:
-        ref_state = get_model_state_dict(ref, options=options) if ref is not None else None
-    state = {'ref': ref_state, 'optimizer': get_optimizer_state_dict(policy, optimizer, options=options), 'iter': it,
-             'config': cfg}
-    if master:
-        out_dir = Path(out_dir)
-        tmp = out_dir / '.tmp_checkpoint'
+        models = {'ref': get_model_state_dict(ref)} if ref is not None else {}
+    return {**models, 'optimizer': get_optimizer_state_dict(policy, optimizer)}
+
+
+def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg):
+    """Writes out_dir/.tmp_checkpoint (state/: each rank its shards of resume_state; the HF export, streamed to rank 0;
+    each file hashed once, by its writer; checkpoint.json last), then commits it into out_dir. A kill leaves a whole
+    checkpoint: the previous one until checkpoint.json exists, then the next start finishes the move. A failed write
+    on any rank (a full disk) stops every rank in one line."""
+    rank, out_dir = dist.get_rank(), Path(out_dir)
+    tmp, digests, error = out_dir / '.tmp_checkpoint', {}, None
+    reshard(policy, ref)
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    try:  # a failed write in dcp.save raises on every rank, so all or none go on to the export's gathers
+        dcp.save(resume_state(policy, ref, optimizer), checkpoint_id=tmp / 'state')
+        digests = export_model(tmp, policy, tokenizer, cfg)
+        digests.update({f'state/{f.name}': sha256(f) for f in (tmp / 'state').iterdir()  # rank 0: also .metadata
+                        if f.name.startswith(f'__{rank}_') or rank == 0 and not f.name.startswith('__')})
+    except (Exception, dcp.CheckpointException) as e:  # a full disk is an OSError; DCP wraps every rank's error
+        e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C while DCP writes: an interruption, not a failed write
+            raise e
+        error = f'error: could not write the checkpoint of iteration {it} to {tmp} ({type(e).__name__}: ' \
+                f'{" ".join(str(e).split())}); the previous checkpoint in {out_dir} is intact'
+    results = [None] * dist.get_world_size()
+    dist.all_gather_object(results, (error, digests))
+    error = next((e for e, _ in results if e), None)
+    if rank == 0 and not error:
         try:
-            # one weights file (no shards), so that replacing it is a single atomic step
-            policy.save_pretrained(tmp, state_dict=policy_state, max_shard_size='10000GB')
-            if lora_config:  # transformers records the dtype of the first parameter, the base's: the merge is float32
-                config = json.loads((tmp / 'config.json').read_text())
-                (tmp / 'config.json').write_text(json.dumps({**config, 'dtype': 'float32'}, indent=2))
-                write_adapter(tmp / 'adapter', adapters, lora_config)
-            tokenizer.save_pretrained(tmp)
-            (tmp / 'nanotr_config.json').write_text(json.dumps(cfg, indent=2))
-            torch.save(state, tmp / 'state.pt')
-            manifest = {'iter': it, 'sha256': {str(f.relative_to(tmp)): sha256(f) for f in files(tmp)}}
-            (tmp / 'checkpoint.json.tmp').write_text(json.dumps(manifest, indent=2))
+            listed = dict(sorted(digest for _, ranks in results for digest in ranks.items()))
+            (tmp / 'checkpoint.json.tmp').write_text(json.dumps(seal({'iter': it, 'config': cfg, 'sha256': listed})))
             os.replace(tmp / 'checkpoint.json.tmp', tmp / 'checkpoint.json')  # from here on, the save is complete
-        except Exception as e:  # a full disk is an OSError, a RuntimeError (torch.save) or a SafetensorError
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise SystemExit(f'error: could not write the checkpoint of iteration {it} to {tmp} ({type(e).__name__}: '
-                             f'{" ".join(str(e).split())}); the previous checkpoint in {out_dir} is intact')
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in files(tmp):  # as any new file: transformers writes model.safetensors with mode 0600
-            f.chmod(0o666 & ~umask)
-        commit_checkpoint(out_dir)
+        except OSError as e:
+            error = f'error: could not write {tmp / "checkpoint.json"} ({e.strerror or e}); the previous checkpoint ' \
+                    f'in {out_dir} is intact'
+    if rank == 0 and error:
+        shutil.rmtree(tmp, ignore_errors=True)
+    stop_together(error)
+    if rank == 0:
+        commit_folder(tmp, out_dir, 'checkpoint.json')
     dist.barrier()
 
 
-def commit_checkpoint(out_dir):
-    """Moves a complete out_dir/.tmp_checkpoint into out_dir, file by file with atomic renames, state.pt and then
-    checkpoint.json last, or deletes an incomplete one (no checkpoint.json). Called again after a kill, it finishes the
-    move: out_dir never stays a mix of two checkpoints."""
-    tmp = Path(out_dir) / '.tmp_checkpoint'
-    if not (tmp / 'checkpoint.json').is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    for f in sorted(files(tmp), key=lambda f: (f.name == 'checkpoint.json', f.name == 'state.pt')):
-        (Path(out_dir) / f.relative_to(tmp)).parent.mkdir(exist_ok=True)
-        os.replace(f, Path(out_dir) / f.relative_to(tmp))
-    shutil.rmtree(tmp)  # its empty folders
-
-
-def files(folder):  # the files of a checkpoint folder, and of its folders (a LoRA run's adapter/), sorted
-    return sorted(f for f in folder.rglob('*') if f.is_file())
-
-
 def load_checkpoint(out_dir, ref, optimizer, policy):
-    """Restores the reference and the optimizer on every rank (the policy is out_dir's HF model; a LoRA run's base is
-    init_from's, its adapters are read here); returns the step."""
-    state = torch.load(Path(out_dir) / 'state.pt', map_location='cpu', mmap=True, weights_only=True)
-    if getattr(policy, 'lora_config', None):
-        set_model_state_dict(policy, {**read_adapter(Path(out_dir) / 'adapter'), **(state['ref'] or {})},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
-    elif ref is not None:
-        set_model_state_dict(ref, state['ref'], options=StateDictOptions(full_state_dict=True))
-    set_optimizer_state_dict(policy, optimizer, state['optimizer'], options=StateDictOptions(full_state_dict=True))
-    return state['iter']
+    """Restores resume_state, each rank reading the shards it needs (DCP reshards another world size's); returns the
+    step. The policy is out_dir's HF model; a LoRA run's base is init_from's."""
+    state = resume_state(policy, ref, optimizer)
+    dcp.load(state, checkpoint_id=Path(out_dir) / 'state')
+    if 'adapters' in state:
+        set_model_state_dict(policy, state['adapters'], options=StateDictOptions(strict=False))
+    elif 'ref' in state:
+        set_model_state_dict(ref, state['ref'])
+    set_optimizer_state_dict(policy, optimizer, state['optimizer'])
+    return read_manifest(Path(out_dir) / 'checkpoint.json')['iter']
 
 
-def open_metrics(path, resume_iter):
-    """metrics.jsonl, open for appending. A resumed run (resume_iter: the step of its checkpoint) keeps the lines up to
-    its checkpoint: lines an interrupted run logged after it, and a line cut short by a kill, are dropped, so each
-    step appears once. A fresh run starts it empty."""
-    kept = [r for r in read_jsonl(path) if isinstance(r, dict) and isinstance(r.get('iter'), int)  # foreign lines: out
-            and r['iter'] <= resume_iter] if resume_iter is not None else []
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(''.join(json.dumps(r) + '\n' for r in kept))
-    os.replace(tmp, path)  # a kill while rewriting leaves the old file
-    return open(path, 'a')
+def save_snapshot(out_dir, it):
+    """out_dir/iter_{it}: a copy of the HF model files, for sampling (not resuming), whole or not at all. Returns an
+    error line if it failed (a full disk); the checkpoint of iteration `it` is whole either way."""
+    try:
+        copy_folder(out_dir, out_dir / f'iter_{it}', lambda names: [
+            n for n in names if n in RUN_STATE or n.startswith(('iter_', '.'))])
+    except OSError as e:  # shutil.Error lists (source, target, reason) of each file it could not copy
+        reason = e.args[0][0][2] if isinstance(e, shutil.Error) else e
+        return f"error: could not write the snapshot {out_dir / f'iter_{it}'} ({reason}); the checkpoint of " \
+               f'iteration {it} in {out_dir} is whole'
 
 
 # -----------------------------------------------------------------------------
@@ -900,7 +957,7 @@ def evaluate(policy, ref, pairs, pad_id, cfg, rank, world, micro_size, device):
     if n == 0:
         return {}
     mismatched = LOSSES[cfg['loss']].mismatched
-    kto_z = kto_baseline(policy, ref, pairs[:n], micro_size, pad_id, cfg, device) if mismatched else None
+    kto_z = kto_baseline(policy, ref, pairs[:n], micro_size, pad_id, cfg, device)[0] if mismatched else None
     batches = [make_batch(pairs[start:start + micro_size], LOSSES[cfg['loss']].pairs, pad_id, device)
                for start in range(rank * micro_size, n, world * micro_size)]
     member = edistill_member(policy, ref, batches, cfg)
@@ -972,8 +1029,8 @@ def load_models(cfg, device, world):
     bf16 = compute_dtype == 'bfloat16'
     mesh = dist.device_mesh.init_device_mesh(device.type, (world,))
     meta = dist.get_rank() != 0
-    # a resumed run's policy is out_dir's HF model (float32, saved once), the rest of its state is in state.pt; a
-    # LoRA run's is init_from with the adapters in out_dir (load_checkpoint): a merged weight cannot be un-merged
+    # a resumed run's policy is out_dir's HF model (float32, saved once), the rest of its state is in state/; a
+    # LoRA run's is init_from with the adapters from state/ (load_checkpoint): a merged weight cannot be un-merged
     name = cfg['out_dir'] if cfg['resume'] and not lora else cfg['init_from']
     policy = load_model(name, spec.rm, getattr(torch, compute_dtype) if lora else torch.float32, meta)
     moving = spec.reference and cfg['ref_update'] != 'none'
@@ -985,7 +1042,8 @@ def load_models(cfg, device, world):
     ref = (copy.deepcopy(policy) if world == 1 else load_model(name, meta=True)) if copied else None
     if cfg['grad_checkpoint']:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-    shard_from_rank0(policy, mesh, bf16, device, reshard_root=False)
+    shard = world > 1 or cfg['fsdp'] == 'always'
+    shard_from_rank0(policy, mesh, bf16, device, reshard_root=False, shard=shard)
     policy.train()
     if spec.reference and lora:
         ref = AdapterReference(policy, 'reference' if moving else None)
@@ -993,32 +1051,10 @@ def load_models(cfg, device, world):
         ref = ref or load_model(cfg['ref_from'], meta=meta)
         ref.requires_grad_(False).eval()
         # root gathered only during its forward
-        shard_from_rank0(ref, mesh, bf16, device, reshard_root=True, copy_of=policy if copied else None)
+        shard_from_rank0(ref, mesh, bf16, device, reshard_root=True, shard=shard, copy_of=policy if copied else None)
     if cfg['ref_from'] and [p.shape for p in policy.parameters()] != [p.shape for p in ref.parameters()]:
         raise SystemExit('error: ref_from must have the same architecture as init_from (the update mixes them)')
     return policy, ref, compute_dtype
-
-
-def open_log(cfg, out_dir, resume_iter, master):
-    """log(record): a line of metrics.jsonl (and a wandb point) on rank 0; nothing on the other ranks."""
-    if not master:
-        return lambda record: None
-    path = out_dir / 'metrics.jsonl'
-    open_metrics(path, resume_iter).close()  # each record is appended in its own open: a kill loses no line
-    wandb = __import__('wandb') if cfg['wandb_log'] else None
-    if wandb is not None:
-        wandb.init(project=cfg['wandb_project'], name=cfg['wandb_run_name'] or None, config=cfg)
-
-    def log(record):
-        try:
-            with open(path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-        except OSError as e:  # a full disk
-            raise SystemExit(f'error: cannot write {path} ({e.strerror or e}); the last checkpoint in {out_dir} is '
-                             'whole')
-        if wandb is not None:
-            wandb.log(record, step=record['iter'])
-    return log
 
 
 def main(argv):
@@ -1035,5 +1071,8 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except SystemExit as e:  # under torchrun every rank stops at a refusal, and rank 0 alone says why
-        raise SystemExit(1 if e.code and os.environ.get('RANK', '0') != '0' else e.code) from None
+    except SystemExit as e:  # under torchrun every rank stops at a refusal, and rank 0 alone says why; the others end
+        # with status 0, so that torchrun waits for rank 0's line instead of stopping it before the line is out
+        if dist.is_initialized():
+            dist.destroy_process_group()  # NCCL warns at exit of a group left alive
+        raise SystemExit(0 if e.code and os.environ.get('RANK', '0') != '0' else e.code) from None

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 DATA_SUFFIXES = ('.jsonl', '.json', '.parquet')  # in any case: .JSONL too
-RUN_STATE = ('state.pt', 'metrics.jsonl', 'checkpoint.json')  # what train_tr.py keeps beside a model: not the model
+# what train_tr.py keeps beside a model, not the model (state.pt: the resume state of nanoTR before state/)
+RUN_STATE = ('state', 'state.pt', 'metrics.jsonl', 'checkpoint.json')
 
 
 def sha256(path):

@@ -81,10 +81,18 @@ def run(out_dir, *args, nproc=1, check=True):
 
 
 def final_state(out_dir):
-    """state.pt with the policy added: the checkpoint keeps the policy once, as the HF model's float32 weights."""
+    """A checkpoint as whole tensors: state/ ('ref', or a LoRA run's 'adapters', and 'optimizer'; 'ref' is None
+    without a reference), the iteration, and the policy, which the checkpoint keeps once, as the HF model's float32
+    weights."""
+    import tempfile
+
     from safetensors.torch import load_file
-    state = torch.load(Path(out_dir) / 'state.pt', map_location='cpu', weights_only=True)
-    return {**state, 'policy': load_file(Path(out_dir) / 'model.safetensors')}
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(Path(out_dir) / 'state', Path(tmp) / 'state.pt')
+        state = torch.load(Path(tmp) / 'state.pt', weights_only=True)
+    return {'ref': None, **state, 'iter': json.loads((Path(out_dir) / 'checkpoint.json').read_text())['iter'],
+            'policy': load_file(Path(out_dir) / 'model.safetensors')}
 
 
 def assert_same_weights(a, b, atol=0.0, steps=None):

@@ -14,8 +14,9 @@ import train_tr  # noqa: E402
 rank, world, device = train_tr.setup_distributed('cpu')
 mesh = dist.device_mesh.init_device_mesh('cpu', (world,))
 options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-policy = train_tr.distribute_model(train_tr.load_model('data/tiny/sft'), mesh, bf16=False, reshard_root=None)
-ref = train_tr.distribute_model(train_tr.load_model('data/tiny/base'), mesh, bf16=False, reshard_root=True)
+policy = train_tr.distribute_model(train_tr.load_model('data/tiny/sft'), mesh, bf16=False, reshard_root=None,
+                                  shard=True)
+ref = train_tr.distribute_model(train_tr.load_model('data/tiny/base'), mesh, bf16=False, reshard_root=True, shard=True)
 ids = torch.randint(0, 500, (2, 12))
 policy(input_ids=ids).logits.sum().backward()  # leave both models in their post-forward state, as in training
 with torch.no_grad():

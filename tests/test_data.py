@@ -642,9 +642,12 @@ def test_kto_baseline_hand_value(tokenizer, tiny_model):
                  for i in range(3) for r in (pairs[(i + 1) % 3].chosen, pairs[(i + 1) % 3].rejected)]
         mean = sum(a - b for a, b in logps) / 6
         cfg = {'max_length': 128, 'max_prompt_length': 64}
-        z = train_tr.kto_baseline(tiny_model, other, pairs, 2, PAD, cfg, 'cpu')
-        z_swapped = train_tr.kto_baseline(other, tiny_model, pairs, 2, PAD, cfg, 'cpu')
+        z, tokens = train_tr.kto_baseline(tiny_model, other, pairs, 2, PAD, cfg, 'cpu')
+        z_swapped = train_tr.kto_baseline(other, tiny_model, pairs, 2, PAD, cfg, 'cpu')[0]
     assert abs(mean) > 1e-3
+    # each prompt once with both responses of the next pair: the tokens that tokens/s and MFU count
+    assert tokens == sum(len(pairs[i].prompt) + len(pairs[(i + 1) % 3].chosen) + len(pairs[(i + 1) % 3].rejected)
+                         for i in range(3))
     # micro-batches of 2 against one sequence at a time: equal to the round-off of the log-probs it subtracts
     tol = round_off(max(abs(v) for pair in logps for v in pair), 1)
     assert z.item() == pytest.approx(max(0.0, mean.item()), abs=tol)

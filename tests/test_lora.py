@@ -11,12 +11,13 @@ import copy
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, SMALL, TINY, assert_records_close, run
+from conftest import REPO, SMALL, TINY, assert_records_close, final_state, run
 
 import train_tr
 
@@ -49,6 +50,10 @@ def randomize_adapters(model, seed=0):
 def read_adapters(out_dir):
     from safetensors.torch import load_file
     return load_file(out_dir / 'adapter' / 'adapter_model.safetensors')
+
+
+def reference_adapters(out_dir):
+    return {k: v for k, v in final_state(out_dir)['adapters'].items() if k.endswith(('ref_A', 'ref_B'))}
 
 
 def same_tensors(a, b, atol=0.0):
@@ -257,24 +262,39 @@ def test_two_processes_match_one(tmp_path):
     _, two = run(tmp_path / 'two', *args, nproc=2)
     assert_records_close(one, two, ('loss', 'rewards/margins', 'logps/chosen', 'grad_norm'))
     same_tensors(read_adapters(tmp_path / 'one'), read_adapters(tmp_path / 'two'), atol=1e-5)
-    one_ref, two_ref = (torch.load(tmp_path / d / 'state.pt', weights_only=True)['ref'] for d in ('one', 'two'))
+    one_ref, two_ref = (reference_adapters(tmp_path / d) for d in ('one', 'two'))
     assert len(one_ref) == 2 * 14
     same_tensors(one_ref, two_ref, atol=1e-5)
+
+
+def test_resume_refuses_another_base(tmp_path):
+    """A LoRA checkpoint holds the adapters, not the base: resumed after init_from's weights were replaced, they went
+    on over the new ones. The base's fingerprint is part of the run's settings, and the resume is refused."""
+    from test_train import one_line_error
+    base = tmp_path / 'base'
+    shutil.copytree(REPO / 'data/tiny/sft', base)
+    args = [*SMALL, *LORA, f'--init_from={base}', '--data=data/tiny', '--max_iters=1']
+    run(tmp_path / 'out', *args)
+    shutil.copy(REPO / 'data/tiny/base/model.safetensors', base)  # the same architecture, other weights
+    proc, _ = run(tmp_path / 'out', *args, '--max_iters=2', '--resume=True', check=False)
+    message = one_line_error(proc)
+    assert message.startswith('error: resume=True with other settings than the run saved in ')
+    assert 'init_from_fingerprint=' in message
 
 
 @pytest.mark.parametrize('nproc', [1, 2])
 def test_resume_continues_exactly(tmp_path, nproc):
     """6 steps in one go == 3 steps, then resume=True for 3 more: the base rebuilt from init_from, the adapters read
-    from out_dir/adapter, the reference adapters and AdamW from state.pt; identical losses and tensors."""
+    from state/ with the reference adapters and AdamW; identical losses and tensors."""
     args = [*SMALL, *TINY, *LORA, '--tr_tau=2', '--lr=1e-2']
     _, straight = run(tmp_path / 'straight', *args, '--max_iters=6', nproc=nproc)
     run(tmp_path / 'split', *args, '--max_iters=3', nproc=nproc)
     _, resumed = run(tmp_path / 'split', *args, '--max_iters=6', '--resume=True', nproc=nproc)
     assert [r['loss'] for r in resumed] == [r['loss'] for r in straight]
     same_tensors(read_adapters(tmp_path / 'straight'), read_adapters(tmp_path / 'split'))
-    a, b = (torch.load(tmp_path / d / 'state.pt', weights_only=True) for d in ('straight', 'split'))
+    a, b = (final_state(tmp_path / d) for d in ('straight', 'split'))
     assert a['iter'] == b['iter'] == 6
-    same_tensors(a['ref'], b['ref'])
+    same_tensors(a['adapters'], b['adapters'])
     assert (tmp_path / 'straight/model.safetensors').read_bytes() == (tmp_path / 'split/model.safetensors').read_bytes()
 
 

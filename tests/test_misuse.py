@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 import train_tr
 from conftest import REPO, SMALL, TINY, run
 from data import pairs as data_pairs
+from data.files import open_log
 
 TOY_SFT = REPO / 'data/toy/sft'
 
@@ -221,7 +222,7 @@ def test_huge_reward_labels_are_one_line(chosen, rejected):
 def test_foreign_lines_in_metrics_are_dropped_on_resume(tmp_path):
     path = tmp_path / 'metrics.jsonl'
     path.write_text('{"iter": 1, "loss": 0.5}\n["not", "a", "record"]\n{"note": "by hand"}\n7\n{"iter": 2}\n')
-    train_tr.open_metrics(path, 1).close()
+    open_log(path, 1)
     assert path.read_text() == '{"iter": 1, "loss": 0.5}\n'
 
 

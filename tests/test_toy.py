@@ -121,7 +121,7 @@ def test_snapshots_keep_each_evaluated_policy(tmp_path):
     run(tmp_path, *SMALL, '--snapshots=True', '--eval_interval=2')
     assert sorted(p.name for p in tmp_path.glob('iter_*')) == ['iter_2', 'iter_4']
     for snap in tmp_path.glob('iter_*'):
-        assert not (snap / 'state.pt').exists() and not (snap / '.lock').exists() and (snap / 'tokenizer.json').exists()
+        assert not (snap / 'state').exists() and not (snap / '.lock').exists() and (snap / 'tokenizer.json').exists()
     last, final = load_file(tmp_path / 'iter_4/model.safetensors'), load_file(tmp_path / 'model.safetensors')
     assert all((last[k] == final[k]).all() for k in final)
     first = load_file(tmp_path / 'iter_2/model.safetensors')

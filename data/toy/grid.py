@@ -271,7 +271,8 @@ def worker(path):
         (path / 'curve.json').write_text(json.dumps([point]))
         return
     cfg['snapshots'] = cfg['loss'] != 'rm'  # a reward model is not sampled
-    cfg['resume'] = (path / 'state.pt').exists()  # a run interrupted after a checkpoint continues (same settings only)
+    # a run interrupted after a checkpoint (or while saving one) continues, under the same settings only
+    cfg['resume'] = (path / 'checkpoint.json').exists() or (path / '.tmp_checkpoint/checkpoint.json').exists()
     train_tr.train(cfg)
     if cfg['loss'] == 'rm':
         (path / 'curve.json').write_text('[]')

@@ -22,7 +22,7 @@ The pipeline (all deterministic from --seed on one machine):
      else off-topic (0.15) or a repeat (0.10).
   2. base/: a byte-level BPE tokenizer trained on the demos and a random 2-layer Llama (data/prepare_common.py).
   3. sft/: `python train_tr.py --loss=sft --init_from=data/toy/base --data=data/toy/demos --out_dir=data/toy/sft` with
-     the settings of SFT_ARGS below (400 steps of 32 demos; its state.pt and metrics.jsonl are deleted).
+     the settings of SFT_ARGS below (400 steps of 32 demos; its state/, checkpoint.json, metrics.jsonl are deleted).
   4. train.jsonl, test.jsonl: two samples of the SFT model per prompt (sample.py, temperature 1), identical or
      empty pairs dropped, labelled once by the annotator. Rows carry gold_chosen/gold_rejected for analysis.
 
@@ -32,6 +32,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,8 +153,8 @@ def main():
         save_base(tok, build_model(tok), out / 'base')
         rel = os.path.relpath(out, ROOT)  # relative paths, so that sft/nanotr_config.json names no machine's folders
         subprocess.run([sys.executable, 'train_tr.py', *(a.format(out=rel) for a in SFT_ARGS)], cwd=ROOT, check=True)
-        for leftover in ('state.pt', 'metrics.jsonl'):
-            (sft / leftover).unlink(missing_ok=True)
+        for leftover in ('state', 'checkpoint.json', 'metrics.jsonl'):  # the run's state: the model stays
+            shutil.rmtree(sft / leftover) if leftover == 'state' else (sft / leftover).unlink(missing_ok=True)
 
     # 4: pairs sampled from the SFT model, labelled once by the biased Bradley–Terry annotator
     sys.path.insert(0, str(ROOT))
