@@ -25,15 +25,8 @@ Trust region (TR-DPO / TR-IPO / TR-KTO; Gorbatovski, Shaposhnikov et al., ICLR 2
     soft   θ_ref ← α·θ + (1−α)·θ_ref        (ref_update=soft, tr_alpha=α, tr_tau=τ; τ=1 mixes every step)
     hard   θ_ref ← θ                        (ref_update=hard, tr_tau=τ)
 With α=0 or ref_update=none this is plain DPO/IPO/KTO against the fixed initial (SFT) model. The update works the
-same for distill, edistill and pdpo (trust-region distillation, a combination neither paper ran).
-LoRA (lora_rank=R > 0; Hu et al. 2022): each Linear of the decoder blocks computes W·x + (lora_alpha/R)·B·A·x, W frozen
-(in the compute dtype, one copy for policy and reference), A and B float32 and trained, B = 0 at step 0. The reference
-is a second pair (A_ref, B_ref) on the same W, and the update applies the paper's parameter-space rule to the adapters:
-    A_ref ← α·A + (1−α)·A_ref,   B_ref ← α·B + (1−α)·B_ref
-The reference's weight delta is then (αB + (1−α)B_ref)(αA + (1−α)A_ref) = α²BA + (1−α)²B_ref·A_ref + α(1−α)(B·A_ref +
-B_ref·A), not the mix of the deltas αBA + (1−α)B_ref·A_ref (it is that minus α(1−α)(B − B_ref)(A − A_ref)). With
-ref_update=none the reference is W alone, adapters off (PEFT's DPO).
-
+same for distill, edistill and pdpo (trust-region distillation, a combination neither paper ran). With LoRA it mixes
+the adapters, the parameters that train: A_ref ← α·A + (1−α)·A_ref, B_ref ← α·B + (1−α)·B_ref (the LoRA section).
 Run `python train_tr.py` (TR-DPO on the toy in data/toy, ~15 s on a CPU) or `torchrun ... train_tr.py config.py
 --key=value ...`: every setting below can be overridden (--help lists them); README.md has the recipes.
 """
@@ -64,18 +57,17 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data.files import (commit_folder, copy_folder, files_of, first_mismatch, lock_out_dir, open_log, seal,
-                        write_safetensors)
+from data.files import (commit_folder, copy_folder, first_mismatch, lock_out_dir, open_log, read_sealed, seal,
+                        write_model_files, write_safetensors)
 from data.pairs import (RUN_STATE, check_model_path, check_vocabulary, fingerprint, layout, load_pairs, load_tokenizer,
                         make_batch, note_evaluation, padding_id, sha256, step_pair_indices, truncate)
-from data.settings import (DEVICE, PROMPT_FITS, RESUMABLE, check_settings, declared, defaults_of, need, one_of,
-                           parse_overrides)
+from data.settings import (DEVICE, PROMPT_FITS, RESUMABLE, check_outputs, check_settings, declared, defaults_of, need,
+                           one_of, parse_overrides)
 
 # -----------------------------------------------------------------------------
-# config: a setting a line, `name: its check = default  # meaning`, overridden by config files and --key=value. Each
-# is checked before any work (data/settings.py): need(condition) must hold; with only=, another value than the default
-# is refused where the setting would do nothing; resumable (RESUMABLE): a resumed run may change it. The defaults run
-# TR-DPO on the toy that data/toy ships; the comments give the papers' values.
+# config: `name: its check = default  # meaning`, overridden by config files and --key=value, checked before any work
+# (data/settings.py): need(condition) must hold; only=: another value is refused where the setting would do nothing;
+# resumable: a resumed run may change it. The defaults run TR-DPO on data/toy; the comments give the papers' values.
 REFERENCE = "loss not in ('sft', 'rm')"                 # the losses that compare the policy with a reference
 # I/O
 out_dir: need('out_dir.strip()', resumable=True, why='names no folder') = 'out'
@@ -84,8 +76,7 @@ init_from: str = 'data/toy/sft'                         # the policy: HF hub nam
 ref_from: need('not (ref_from and lora_rank)', only=REFERENCE, why='needs lora_rank=0') = ''
                                                         # the reference at step 0 (full fine-tuning); '' = init_from
 resume: RESUMABLE = False                               # continue the run saved in out_dir
-eval_interval: need('eval_interval >= 1', resumable=True) = 25
-                                                        # evaluate and save a checkpoint every this many iterations
+eval_interval: need('eval_interval >= 1', resumable=True) = 25  # evaluate and save every this many steps
 eval_pairs: need('eval_pairs >= 0', resumable=True) = 200  # at most this many held-out pairs per evaluation
 log_interval: need('log_interval >= 1', resumable=True) = 5  # a metrics.jsonl line every this many iterations
 snapshots: RESUMABLE = False                            # also keep each evaluation's HF model in out_dir/iter_N
@@ -94,8 +85,7 @@ wandb_log: need("not wandb_log or importable('wandb')", resumable=True, why='nee
 wandb_project: need(only='wandb_log', resumable=True) = 'nanotr'  # wandb: the project to log to
 wandb_run_name: need(only='wandb_log', resumable=True) = ''  # wandb: the run's name; '' = wandb chooses
 # data
-data: str = 'data/toy'                                  # a .jsonl/.json/.parquet file, a folder of train.* and test.*,
-                                                        # or a HF dataset name
+data: str = 'data/toy'                                  # a .jsonl/.json/.parquet file or folder, or a HF dataset
 max_length: need('max_length >= 1') = 128               # prompt + response tokens
 max_prompt_length: PROMPT_FITS = 64                     # a too-long pair keeps the last this many prompt tokens
 # loss
@@ -128,30 +118,24 @@ grad_accum: need('grad_accum >= 1', resumable=True) = 1  # micro-steps per optim
 lr: need('lr >= 0') = 2e-4                              # AdamW peak learning rate (paper: 1e-6 for Pythia 2.8B)
 weight_decay: need('weight_decay >= 0') = 0.0           # AdamW weight decay
 warmup_iters: need('warmup_iters >= 0') = 5             # linear warm-up, then constant (as the DPO repository)
-max_iters: need('max_iters >= 1', resumable=True) = 300  # optimizer steps
+max_iters: need('max_iters >= 1', resumable=True) = 50  # optimizer steps (the toy's gold peaks near 50)
 grad_clip: need('grad_clip >= 0') = 2.0                 # max gradient norm (paper: 2); 0 disables
 # system
 device: DEVICE = 'auto'                                 # auto | cpu | cuda
-dtype: one_of('auto', 'float32', 'bfloat16', resumable=True) = 'auto'
-                                                        # compute dtype; auto: bfloat16 on CUDA, else float32
-fsdp: one_of('auto', 'always', resumable=True) = 'auto'  # auto: FSDP2 shards over several processes; always: one
-                                                        # too (a GPU through the multi-GPU path; tests/gpu_check.sh)
-dist_timeout: need('dist_timeout > 0', resumable=True) = 60.0  # minutes a collective waits for a slower rank (NCCL's:
-                                                        # 10). Rank 0 alone streams an 8B float32 export of 32 GB (~5
-                                                        # min at 100 MB/s) and may first download 16 GB; torchrun
-                                                        # stops a crashed rank at once: this bounds a hang only
+dtype: one_of('auto', 'float32', 'bfloat16', resumable=True) = 'auto'  # compute dtype; auto: bf16 on CUDA, else fp32
+fsdp: one_of('auto', 'always', resumable=True) = 'auto'  # auto: FSDP2 over 2+ processes; always: 1 too (gpu_check)
+dist_timeout: need('dist_timeout > 0', resumable=True) = 60.0  # minutes a collective waits for a slower rank (NCCL's
+                                                        # default: 10; rank 0 alone writes an 8B export, ~5 min)
 grad_checkpoint: RESUMABLE = False                      # activation checkpointing of each decoder layer
 peak_flops: need('peak_flops > 0', resumable=True) = 989e12  # per-device peak for MFU (H100 dense bf16)
 seed: need('0 <= seed < 2**64') = 1337                  # data order, and a reward model's or LoRA's initialization
 
 
 # -----------------------------------------------------------------------------
-# losses: each is a short function of a micro-batch's per-pair Terms, its body the equation of the module docstring;
-# the LOSSES table says what each one reads, and batch_loss computes exactly that
-# Terms: per-pair values of a micro-batch, [n] for n pairs. The policy's summed log-probs of the chosen and rejected
-# responses (a reward model: its rewards r(x, y); sft: chosen only), their log-ratios ρ = logπ_θ − logπ_ref, the
-# responses' token counts, the reward models' margins Δr_i [n, k] of labelled pairs, and two values of the whole
-# optimizer step: KTO's baseline z, and e-DPO's reward model i (edistill_min=batch).
+# losses: each is a short function of a micro-batch's per-pair Terms, its body the equation of the module docstring.
+# Terms, [n] for n pairs: the policy's summed log-probs of the chosen and rejected responses (a reward model: its
+# rewards r(x, y); sft: chosen only), their log-ratios ρ = logπ_θ − logπ_ref, the responses' token counts, the reward
+# models' margins Δr_i [n, k] of labelled pairs; and of the whole step: KTO's z, e-DPO's reward model i.
 Terms = namedtuple('Terms', 'chosen rejected rho_chosen rho_rejected chosen_tokens rejected_tokens reward_margins '
                    'kto_z member', defaults=(None,) * 8)
 
@@ -196,11 +180,9 @@ def distill_loss(terms, cfg):
 
 
 def edistill_loss(terms, cfg):
-    """e-DPO keeps, of the k reward models, the one closest to the policy: the policy need only agree with one
-    plausible reward model of the family, and γ·KL pulls it toward π_ref, so it moves only as far as the most
-    conservative member allows (the pessimism; our reading of the paper, see README). 'batch' takes the minimum of
-    the whole loss, one member i for all pairs of the optimizer step as in the paper (terms.member: closest_member);
-    'example' a member per pair."""
+    """e-DPO keeps the reward model closest to the policy: it need only agree with one plausible member of the family,
+    and γ·KL pulls it toward π_ref (the pessimism). 'batch': the minimum of the whole loss, one member for all pairs
+    of the optimizer step, as in the paper (terms.member, closest_member); 'example': a member per pair."""
     errors = (cfg['beta'] * (terms.rho_chosen - terms.rho_rejected)[:, None] - terms.reward_margins) ** 2
     closest = errors.min(-1).values if cfg['edistill_min'] == 'example' else errors[:, terms.member]
     return closest + cfg['pessimism_gamma'] * forward_kl(terms)
@@ -237,11 +219,10 @@ def chosen_rejected(values, pairs=True):
 
 
 def kto_baseline(policy, ref, pairs, micro_size, pad_id, cfg, device):
-    """KTO's z for a whole global batch (every rank passes the same pairs): each prompt x_i with both responses of the
-    next pair, (x_i, y_w,i+1) and (x_i, y_l,i+1), the mismatched pairs that TRL builds from chosen and rejected
-    completions alike; z = max(0, mean log-ratio over all of them), without gradient. Each rank computes its share
-    and one all-reduce sums them: z is one value per optimizer step, whatever the split over ranks and micro-steps.
-    Returns z and the tokens of this rank's forwards (they count in tokens/s and MFU)."""
+    """KTO's z of a global batch (every rank passes the same pairs): each prompt x_i with both responses of the next
+    pair (TRL's mismatched pairs, from chosen and rejected alike); z = max(0, mean log-ratio), without gradient, one
+    value per optimizer step whatever the split over ranks and micro-steps. Returns z and the tokens of this rank's
+    forwards (they count in tokens/s and MFU)."""
     rank, world, n = dist.get_rank(), dist.get_world_size(), len(pairs)
     rows = [truncate(pairs[i].prompt, [pairs[(i + 1) % n].chosen, pairs[(i + 1) % n].rejected], cfg['max_length'],
                      cfg['max_prompt_length']) for i in range(rank, n, world)]
@@ -257,17 +238,15 @@ def kto_baseline(policy, ref, pairs, micro_size, pad_id, cfg, device):
 
 
 def closest_member(margins, reward_margins):
-    """e-DPO's reward model for a whole batch: argmin_i Σ (m − Δr_i)² over the pairs of every rank, the margins m of
-    the policy given (no gradient flows through the choice)."""
+    """e-DPO's reward model of a batch: argmin_i Σ (m − Δr_i)² over the pairs of every rank (no gradient flows)."""
     totals = ((margins[:, None] - reward_margins) ** 2).sum(0)
     dist.all_reduce(totals)
     return totals.argmin()
 
 
 def edistill_member(policy, ref, batches, cfg):
-    """closest_member of an optimizer step's global batch, from forwards without gradient of this rank's
-    micro-batches (as KTO's z), so that neither the split over ranks nor grad_accum changes the objective; None
-    unless the loss is edistill with edistill_min=batch. Costs a policy and a reference forward per micro-batch."""
+    """closest_member of an optimizer step's global batch, from forwards without gradient (as KTO's z), so that
+    neither the split over ranks nor grad_accum changes the objective; None unless edistill with edistill_min=batch."""
     if cfg['loss'] != 'edistill' or cfg['edistill_min'] != 'batch':
         return None
     with torch.no_grad():
@@ -276,17 +255,15 @@ def edistill_member(policy, ref, batches, cfg):
     return closest_member(torch.cat(margins), torch.cat([b['reward_margins'] for b in batches]))
 
 
-def loss_denominator(batch, loss_name):
-    """What the loss of a batch averages over: response tokens for sft, pairs (rows) otherwise."""
+def loss_denominator(batch, loss_name):  # what the loss of a batch averages over: response tokens for sft, else pairs
     if not LOSSES[loss_name].pairs:
         return batch['lengths'].sum().float()
     return torch.tensor(float(len(batch['input_ids'])), device=batch['input_ids'].device)
 
 
 def batch_loss(policy, ref, batch, cfg, kto_z=None, member=None):
-    """(Σ of per-pair losses, or Σ token NLL for sft; dict of per-pair metric values) for one micro-batch: the Terms
-    that LOSSES says the loss reads, then its function; kto_z and member are the step's KTO baseline (kto_baseline)
-    and e-DPO reward model (edistill_member)."""
+    """(Σ of per-pair losses, or Σ token NLL for sft; per-pair metrics) of one micro-batch: the Terms that LOSSES says
+    the loss reads, then its function; kto_z and member: the step's kto_baseline and edistill_member."""
     spec = LOSSES[cfg['loss']]
     if spec.reference:
         with torch.no_grad():  # first: its temporaries are gone before the policy's activations are kept for backward
@@ -329,9 +306,8 @@ def all_reduce_sums(sums):
 # reference update: identical sharding means each rank mixes its own shards, with no communication
 @torch.no_grad()
 def update_reference(policy, ref, alpha):
-    """θ_ref ← α·θ + (1−α)·θ_ref (α = 1: θ_ref ← θ), in fp32 on the local shards of both models. In a LoRA run θ is
-    the adapters, the parameters that train: A_ref ← α·A + (1−α)·A_ref and B_ref ← α·B + (1−α)·B_ref on the one
-    model that holds both sets (not a mix of the products B·A: the module docstring has the difference)."""
+    """θ_ref ← α·θ + (1−α)·θ_ref (α = 1: θ_ref ← θ), in fp32 on the local shards of both models; in a LoRA run on the
+    adapters (mixed_parameters)."""
     reshard(policy, ref)  # the mix must land in the sharded storage, not in a gathered copy
     ref_params, policy_params = ([p.to_local() if isinstance(p, DTensor) else p for p in params]
                                  for params in mixed_parameters(policy, ref))
@@ -357,7 +333,6 @@ def train(cfg):
     micro_size = micro_batch_size(cfg, world)
     print0(textwrap.fill(' '.join(f'{k}={v!r}' for k, v in cfg.items()), 120, initial_indent='config: '))
     torch.manual_seed(cfg['seed'])  # a new score head, LoRA's A; nothing else draws from torch's generator
-    # every input is checked before out_dir is touched
     tokenizer, train_pairs, eval_pairs = load_data(cfg, master, world * micro_size)
     cfg = {**cfg, **run_fingerprints(cfg, master)}
     pad_id = padding_id(tokenizer)
@@ -378,17 +353,6 @@ def train(cfg):
            f'{world}, {micro_size} pairs per micro-batch, compute dtype {compute_dtype}, device {device}')
     print0('estimated memory per device: ' + ', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in memory_estimate(
         policy, ref, world).items()) + ' (activations not included)')
-
-    def eval_and_save(it):
-        record = {} if eval_pairs is None else evaluate(policy, ref, eval_pairs, pad_id, cfg, rank, world,
-                                                         micro_size, device)
-        if record:
-            log({'iter': it, **record})
-            print0(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()))
-        save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg)
-        if cfg['snapshots']:
-            stop_together(save_snapshot(out_dir, it) if master else None)
-
     spec = LOSSES[cfg['loss']]
     moving_ref = ref is not None and cfg['ref_update'] != 'none'
     ref_updates = start_iter // cfg['tr_tau'] if moving_ref else 0
@@ -413,9 +377,8 @@ def train(cfg):
         # gradients over ranks, so each rank scales its sum by world/denominator.
         denominator = sum(loss_denominator(b, cfg['loss']) for b in batches)
         dist.all_reduce(denominator)
-        # FSDP reduce-scatters the gradients after every micro-step and sums them into the sharded ones: skipping
-        # that until the last micro-step would keep every parameter's whole float32 gradient on every rank (32 GB
-        # at 8B). LoRA too: its adapters' reduce-scatter is tiny next to the all-gathers of the base weights.
+        # FSDP reduce-scatters each micro-step's gradients into the sharded ones: deferring it to the last micro-step
+        # would keep every parameter's whole float32 gradient on every rank (32 GB at 8B). LoRA's is tiny.
         sums = {'forward_tokens': forward_tokens}
         for batch in batches:
             loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z, member)
@@ -437,7 +400,8 @@ def train(cfg):
             dt = time.time() - t0
             tokens, forwards = record.pop('tokens'), record.pop('forward_tokens')
             record.update(lr=lr, grad_norm=grad_norm.item(), step_time=dt, tokens_per_sec=(tokens + forwards) / dt,
-                          peak_mem_gb=peak_memory_gb(device), ref_updates=ref_updates)
+                          ref_updates=ref_updates, peak_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30
+                          if device.type == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
             if device.type == 'cuda':  # FLOPs per token: policy forward 2N, backward 4N (LoRA: 2N, no weight
                 # gradients of the frozen base), reference forward 2N; the forwards without gradient: 4N
                 flops = (6 - 2 * (cfg['lora_rank'] > 0) + 2 * (ref is not None)) * n_params * tokens
@@ -446,23 +410,30 @@ def train(cfg):
             bar.set_postfix({k.split('/')[-1]: f'{record[k]:.3f}' for k in ('loss', 'rewards/accuracies', 'accuracy',
                                                                            'rewards/margins', 'margin') if k in record})
         if it % cfg['eval_interval'] == 0 or it == cfg['max_iters']:
-            eval_and_save(it)
+            record = {} if eval_pairs is None else evaluate(policy, ref, eval_pairs, pad_id, cfg, rank, world,
+                                                             micro_size, device)
+            if record:
+                log({'iter': it, **record})
+                print0(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()))
+            save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg)
+            if cfg['snapshots']:
+                stop_together(save_snapshot(out_dir, it) if master else None)
     if master:
         lock.close()
     dist.destroy_process_group()
 
 
 # =============================================================================
-# plumbing: the settings' checks, processes and devices, models, checkpoints and logs
+# plumbing, in the order a run meets it: settings, processes, data, models (FSDP, LoRA), evaluation, checkpoints
 def get_config(argv):
-    """The training config: the settings above with argv applied, each checked by its rule."""
+    """The config block above with argv applied, each setting checked by its rule (data/settings.py)."""
     cfg = parse_overrides(argv, defaults_of(globals()), __file__)
     check_settings(cfg, globals())
     return cfg
 
 
 # -----------------------------------------------------------------------------
-# setup: one process is a world of one, so the same FSDP code path runs with `python` and with `torchrun`
+# processes: one process is a world of one, so the same FSDP code path runs with `python` and with `torchrun`
 def resolve_device(name):
     if name == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f'error: device=cuda, but this torch ({torch.__version__}) sees no CUDA device (a CPU-only '
@@ -474,8 +445,8 @@ def resolve_device(name):
 
 
 def setup_distributed(device_name, timeout=dist_timeout):
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python gets a 1-rank group. Its
-    collectives wait `timeout` minutes for a slower rank (the group of the FSDP mesh is this one)."""
+    """(rank, world_size, device) from torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or a 1-rank group for plain python; the
+    group's collectives (the FSDP mesh's too) wait `timeout` minutes for a slower rank."""
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     device = resolve_device(device_name)
     if device.type == 'cuda':
@@ -489,14 +460,92 @@ def setup_distributed(device_name, timeout=dist_timeout):
     return rank, world, device
 
 
+def stop_together(error):
+    """Every rank stops, or none: each passes its 'error: ...' line or None; all raise the first (rank 0 prints it)."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if error := next((e for e in errors if e), None):
+        raise SystemExit(error)
+
+
+def print0(*args):  # on rank 0 only, through tqdm so that a progress bar stays intact
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(' '.join(map(str, args)))
+
+
 # -----------------------------------------------------------------------------
-# models: policy and reference are the same architecture, sharded identically, both with fp32 master weights
+# data: pairs from data/pairs.py, checked before out_dir is touched
+def micro_batch_size(cfg, world):  # pairs per micro-batch of each process
+    micro_size, rest = divmod(cfg['batch_size'], world * cfg['grad_accum'])
+    if rest or micro_size == 0:
+        raise SystemExit(f"error: batch_size={cfg['batch_size']} must be a multiple of "
+                         f"world_size*grad_accum={world * cfg['grad_accum']}")
+    return micro_size
+
+
+def load_data(cfg, master, global_micro):
+    """(tokenizer, train Pairs, held-out Pairs or None), with the responses and labels that the loss reads."""
+    from transformers import AutoConfig
+    for key in ('init_from', 'ref_from'):  # ref_from='' is a copy of init_from; rm trains a new or a given reward model
+        if cfg[key]:
+            check_model_path(cfg[key], key, reward_model=None if LOSSES[cfg['loss']].rm else False)
+    tokenizer = load_tokenizer(cfg['init_from'], 'init_from')
+    check_vocabulary(tokenizer, cfg['ref_from'], 'ref_from')
+    limit = getattr(AutoConfig.from_pretrained(cfg['init_from']), 'max_position_embeddings', None) or math.inf
+    if cfg['max_length'] > limit:
+        raise SystemExit(f"error: max_length={cfg['max_length']} is over the {limit} positions of {cfg['init_from']}")
+    settings = dict(tokenizer=tokenizer, max_length=cfg['max_length'], max_prompt_length=cfg['max_prompt_length'],
+                    need_rejected=LOSSES[cfg['loss']].pairs, verbose=master, need_rewards=LOSSES[cfg['loss']].labels)
+    train_pairs, eval_pairs = (load_pairs(cfg['data'], split, required=split == 'train', **settings)
+                               for split in ('train', 'test'))
+    if master:
+        note_evaluation(eval_pairs, cfg['eval_pairs'], global_micro)
+    return tokenizer, train_pairs, eval_pairs
+
+
+# -----------------------------------------------------------------------------
+# models: policy and reference, one architecture with float32 master weights (a bf16 reference would round a small
+# soft update away), sharded alike by FSDP2 (each decoder layer, then the root; bf16 compute by MixedPrecisionPolicy).
+# A world of one is not sharded unless fsdp=always (FSDP's copies cost a tiny model 27% of its step, SmolLM2 6% and
+# 0.4 GB on a CPU); bf16 is autocast there. Under torchrun only rank 0 reads weights; the others receive their shards.
+def load_models(cfg, device, world):
+    """(policy, reference or None, compute dtype): two models, or with LoRA one (add_lora), the reference being that
+    model with its reference adapters selected."""
+    spec, lora = LOSSES[cfg['loss']], cfg['lora_rank'] > 0
+    compute_dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device.type == 'cuda' else 'float32')
+    bf16 = compute_dtype == 'bfloat16'
+    mesh = dist.device_mesh.init_device_mesh(device.type, (world,))
+    meta = dist.get_rank() != 0
+    # a resumed run's policy is out_dir's HF model; a LoRA run's is init_from's (a merged weight cannot be un-merged)
+    name = cfg['out_dir'] if cfg['resume'] and not lora else cfg['init_from']
+    policy = load_model(name, spec.rm, getattr(torch, compute_dtype) if lora else torch.float32, meta)
+    moving = spec.reference and cfg['ref_update'] != 'none'
+    if lora:
+        add_lora(policy, cfg['lora_rank'], cfg['lora_alpha'], reference=moving)
+    # without ref_from the reference copies the policy: before sharding in a world of one, else its local shards
+    copied = spec.reference and not lora and not cfg['ref_from']
+    ref = (copy.deepcopy(policy) if world == 1 else load_model(name, meta=True)) if copied else None
+    if cfg['grad_checkpoint']:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    shard = world > 1 or cfg['fsdp'] == 'always'
+    shard_from_rank0(policy, mesh, bf16, device, reshard_root=False, shard=shard)
+    policy.train()
+    if spec.reference and lora:
+        ref = AdapterReference(policy, 'reference' if moving else None)
+    elif spec.reference:
+        ref = ref or load_model(cfg['ref_from'], meta=meta)
+        ref.requires_grad_(False).eval()
+        # root gathered only during its forward
+        shard_from_rank0(ref, mesh, bf16, device, reshard_root=True, shard=shard, copy_of=policy if copied else None)
+    if cfg['ref_from'] and [p.shape for p in policy.parameters()] != [p.shape for p in ref.parameters()]:
+        raise SystemExit('error: ref_from must have the same architecture as init_from (the update mixes them)')
+    return policy, ref, compute_dtype
+
+
 def load_model(name, reward_model=False, dtype=torch.float32, meta=False):
-    """An HF causal LM in float32 (or `dtype`) with dropout off (the loss compares policy and reference forwards
-    exactly), or with reward_model=True a sequence classifier with one output, the Bradley–Terry reward r(x, y). From a
-    causal-LM checkpoint (the SFT model) its score head starts at random, seeded by torch.manual_seed. SDPA attention,
-    because layout's masks are boolean (eager attention would add them as numbers). meta=True: the architecture alone,
-    on the meta device, no weights read (a rank that receives its shards from rank 0: fill_from_rank0)."""
+    """An HF causal LM in `dtype` with dropout off (the loss compares policy and reference forwards exactly), or a
+    sequence classifier with one output, the reward r(x, y) (from the SFT model its score head starts at random). SDPA
+    attention: layout's masks are boolean. meta=True: the architecture alone, on the meta device, no weights read."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # the "Loading weights" bars
@@ -505,8 +554,7 @@ def load_model(name, reward_model=False, dtype=torch.float32, meta=False):
         if ('dropout' in key or 'pdrop' in key) and isinstance(value, float):
             setattr(config, key, 0.0)
     if reward_model:
-        # Saved with the pad id that batches are padded with (the tokenizer's pad, else EOS), whatever a hub config
-        # says, so that a transformers classifier loading the checkpoint pools where response_outputs reads.
+        # the pad id of the batches, whatever a hub config says: a transformers classifier then pools where we read
         config.pad_token_id = padding_id(AutoTokenizer.from_pretrained(name))
         config.num_labels = 1
     auto = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
@@ -523,12 +571,9 @@ def with_response_outputs(model):
 
 
 def distribute_model(model, mesh, bf16, reshard_root, shard):
-    """shard (several processes, or fsdp=always): FSDP2 on each decoder layer (the classes named in
-    model._no_split_modules), then on the root, with bf16 compute over the fp32 weights (MixedPrecisionPolicy);
-    response_outputs is registered as a forward of the root, which holds the embedding and the head it calls. Else a
-    world of one, not sharded (FSDP's per-layer copies of weights and gradients would be pure cost; README has the
-    figures): there bf16 is autocast around response_outputs. reshard_root=False keeps the root's weights gathered
-    from forward to backward."""
+    """FSDP2 on each decoder layer, then on the root, whose forward response_outputs becomes (it calls the embedding and
+    the head the root holds); reshard_root=False keeps the root gathered from forward to backward. shard=False: the
+    model on the device, bf16 autocast around response_outputs."""
     if not shard:
         model.to(mesh.device_type)
         if bf16:
@@ -553,11 +598,9 @@ def decoder_blocks(model):
 
 
 def shard_from_rank0(model, mesh, bf16, device, reshard_root, shard, copy_of=None):
-    """distribute_model, then under torchrun each rank's shards: broadcast one tensor at a time from rank 0, the only
-    rank that read the weights (the others built the model on the meta device), or copied from the local shards of
-    copy_of, a model of the same architecture sharded the same way. No rank but 0 ever holds a whole model. The
-    non-persistent buffers of a meta model (RoPE's inv_freq) are in no state dict: they are recomputed as transformers
-    initializes them."""
+    """distribute_model, then under torchrun each rank's shards: broadcast one tensor at a time from rank 0, or copied
+    from the local shards of copy_of (sharded the same way). A meta model's non-persistent buffers (RoPE's inv_freq),
+    in no state dict, are recomputed as transformers initializes them."""
     weights = model.state_dict() if dist.get_rank() == 0 and mesh.size() > 1 and copy_of is None else {}
     distribute_model(model, mesh, bf16, reshard_root, shard)
     if mesh.size() == 1:  # the one rank read every model itself (a reference is a copy made before sharding)
@@ -574,9 +617,8 @@ def shard_from_rank0(model, mesh, bf16, device, reshard_root, shard, copy_of=Non
     return model
 
 
-# response tokens per log-softmax block: [256, V] float32 is 50 MB for V = 49,152, 131 MB for 128k, and a CPU is no
-# faster with more. On a GPU a block's ~20 kernel launches (~0.1 ms) outlast a 256-row head matmul of a small model
-# (SmolLM2: 15 GFLOP, ~0.02 ms on an H100): 1024 rows cut them 4x for 0.2 to 0.5 GB. Not timed on a GPU yet.
+# response tokens per log-softmax block: [256, V] float32 is 50 MB for V = 49,152, and a CPU is no faster with more; on
+# a GPU a block's ~20 kernel launches outlast a small model's 256-row head matmul (estimated, not timed on a GPU).
 LOGPS_CHUNK = {'cpu': 256, 'cuda': 1024}
 
 
@@ -585,10 +627,9 @@ def token_logps(head, hidden, labels):
 
 
 def response_outputs(model, input_ids, position_ids, attention_mask, predict, labels=None, last=None):
-    """The log-prob of each response token (a reward model: the score at each response's last token), from the last
-    hidden state at those positions only: no logits for prompt or padding positions. The head and log-softmax run
-    in chunks recomputed in backward, so one [LOGPS_CHUNK rows, V] float32 block is alive at a time instead of the
-    [rows, T, V] logits and their gradient, the largest tensors of a step."""
+    """The log-prob of each response token (a reward model: the score at each response's last token), from the hidden
+    states at those positions only; head and log-softmax in chunks recomputed in backward, so one [LOGPS_CHUNK, V]
+    float32 block is alive at a time instead of the [rows, T, V] logits and their gradient."""
     hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                               use_cache=False).last_hidden_state.flatten(0, 1)
     if labels is None:
@@ -611,13 +652,34 @@ def sequence_rewards(reward_model, batch):
                                          batch['predict'], last=batch['last'])
 
 
+def memory_estimate(policy, ref, world):
+    """Estimated bytes per device of a run's state, printed at its start (tests/memory_table.py: for Llama 1B-70B): the
+    policy's weights (LoRA: the base in the compute dtype and the float32 adapters), gradients and AdamW's two moments
+    of what trains, and the reference (a float32 model, LoRA's reference adapters, or none), each divided over the
+    world by FSDP, gradients too whatever grad_accum. Activations, gathered layers and autocast copies come on top:
+    SmolLM2 on a CPU (bf16, 4 pairs of 256 tokens per step) peaks at 4.86 GB RSS for 2.50 GB of estimated state."""
+    ref_params = mixed_parameters(policy, ref)[0] if ref is not None else []
+    in_ref = {id(p) for p in ref_params}
+    trained = [p for p in policy.parameters() if p.requires_grad]
+
+    def size(params):
+        return sum(p.numel() * p.element_size() for p in params) / world
+    return {'weights': size(p for p in policy.parameters() if id(p) not in in_ref), 'gradients': size(trained),
+            'optimizer': 2 * size(trained), 'reference': size(ref_params)}
+
+
 # -----------------------------------------------------------------------------
-# LoRA: the base weights once, frozen, with two adapter sets on each Linear of the decoder blocks; the policy and the
-# reference are the same model with one set or the other selected
+# LoRA (lora_rank=R > 0; Hu et al. 2022): each Linear of the decoder blocks (not the embedding, the LM head or a score
+# head, which trains whole) computes W·x + (lora_alpha/R)·B·A·x, W frozen in the compute dtype and stored once, A
+# (kaiming-uniform) and B (zero) float32 and trained, as PEFT starts them. The reference is a second pair (A_ref, B_ref)
+# on the same W, selected for its forward, and the update applies the paper's rule to what trains:
+#     A_ref ← α·A + (1−α)·A_ref,   B_ref ← α·B + (1−α)·B_ref
+# Its delta (αB + (1−α)B_ref)(αA + (1−α)A_ref) is not the mix of the deltas αBA + (1−α)B_ref·A_ref: it differs by
+# −α(1−α)(B − B_ref)(A − A_ref), zero only for α = 0 or 1 (tested). ref_update=none: the reference is W, adapters off
+# (PEFT's DPO). Checkpoints hold the merged policy and the PEFT adapter (export_model); resume reads the adapters.
 class LoRALinear(torch.nn.Module):
-    """A frozen Linear `base` (in the compute dtype) plus float32 adapters: base(x) + scale·B·A·x, with the policy's
-    (lora_A, lora_B: trained) or the reference's (ref_A, ref_B: moved by update_reference) as `adapters` selects, or
-    base(x) alone (adapters=None). A starts kaiming-uniform and B at zero, as in PEFT: both sets start at W."""
+    """A frozen Linear `base` plus float32 adapters: base(x) + scale·B·A·x with the policy's (lora_A, lora_B) or the
+    reference's (ref_A, ref_B) as `adapters` selects, or base(x) alone (adapters=None)."""
 
     def __init__(self, base, rank, scale, reference):
         super().__init__()
@@ -638,8 +700,8 @@ class LoRALinear(torch.nn.Module):
 
 
 class AdapterReference:
-    """The reference of a LoRA run, called like a model by sequence_logps: the policy's own model (the one copy of the
-    base weights) with the reference adapters selected ('reference'), or none (None: ref_update=none, the base)."""
+    """The reference of a LoRA run, called like a model by sequence_logps: the policy's model with the reference
+    adapters selected ('reference'), or none (None: the base)."""
 
     def __init__(self, model, adapters):
         self.model, self.adapters = model, adapters
@@ -659,9 +721,8 @@ def select_adapters(model, adapters):
 
 
 def add_lora(model, rank, alpha, reference):
-    """Wraps every Linear of the decoder blocks (attention and MLP projections; not the embedding, the LM head or a
-    reward model's score head) in a LoRALinear and freezes everything else but a score head, which is new and trains
-    in float32. model.lora_config is the adapter's PEFT config (adapter_config.json)."""
+    """Wraps every Linear of the decoder blocks in a LoRALinear and freezes everything else but a score head, which is
+    new and trains in float32. model.lora_config is the adapter's PEFT config (adapter_config.json)."""
     model.requires_grad_(False)
     targets = set()
     for block in decoder_blocks(model):
@@ -690,111 +751,65 @@ def mixed_parameters(policy, ref):
     return [p for m in modules for p in (m.ref_A, m.ref_B)], [p for m in modules for p in (m.lora_A, m.lora_B)]
 
 
-def export_entries(policy):
-    """The policy's (HF weights, a LoRA run's PEFT adapter weights) as lists of (name, shape, dtype, get): get() gathers
-    a whole tensor (every rank calls it). Tied weights appear once, under the name save_pretrained keeps. All float32:
-    a LoRA run's W + (alpha/R)·B·A would lose a delta under half an ulp of a bf16 W."""
-    def whole(t):
-        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
-    lora = getattr(policy, 'lora_config', None)
-    scale = lora['lora_alpha'] / lora['r'] if lora else None
-    state, seen, weights, adapters = policy.state_dict(keep_vars=True), set(), [], []
-    for key, value in state.items():
-        module, _, name = key.rpartition('.')
-        if id(value) in seen or name in ('ref_A', 'ref_B'):
-            continue
-        seen.add(id(value))
-        dtype = torch.float32 if value.is_floating_point() else value.dtype
-        if name in ('lora_A', 'lora_B') or lora and key.startswith('score.'):  # PEFT's base_model.model.{key}[.weight]
-            adapters.append(('base_model.model.' + re.sub(r'\.(lora_[AB])$', r'.\1.weight', key), value.shape, dtype,
-                             lambda v=value: whole(v)))
-        if module.endswith('.base') and name == 'weight':  # a LoRALinear's frozen W
-            a, b = (state[f"{module.removesuffix('.base')}.{ab}"] for ab in ('lora_A', 'lora_B'))
-            weights.append((f"{module.removesuffix('.base')}.weight", value.shape, dtype,
-                            lambda v=value, a=a, b=b: whole(v).float() + scale * whole(b) @ whole(a)))
-        elif name not in ('lora_A', 'lora_B'):  # the rest; a LoRALinear's bias under its Linear's name
-            weights.append((re.sub(r'\.base\.bias$', '.bias', key), value.shape, dtype,
-                            lambda v=value, d=dtype: whole(v).to(d)))
-    return weights, adapters
-
-
-def export_model(folder, policy, tokenizer, cfg):
-    """The policy's HF folder as save_pretrained writes it (config.json saying float32, generation_config.json, one
-    model.safetensors: replaced in one atomic step), streamed: no rank holds more than one whole tensor. A LoRA run's
-    is the merged policy, its adapters in folder/adapter as PEFT saves them (beside the model, transformers would
-    apply them twice); they trained on the base in the compute dtype: after dtype=bfloat16, load the base in bf16
-    (a float32 base is another model, unrounded). With the tokenizer and nanotr_config.json. Returns {file: sha256}
-    of the files, on rank 0."""
-    weights, adapters = export_entries(policy)
-    master, lora_config = dist.get_rank() == 0, getattr(policy, 'lora_config', None)
-    digests = {'model.safetensors': write_safetensors(folder / 'model.safetensors', weights, master)}
-    if lora_config:
-        digests['adapter/adapter_model.safetensors'] = write_safetensors(
-            folder / 'adapter' / 'adapter_model.safetensors', adapters, master)
-    if not master:  # the gathers are over
+# -----------------------------------------------------------------------------
+# evaluation and logs
+def evaluate(policy, ref, pairs, pad_id, cfg, rank, world, micro_size, device):
+    """Mean metrics over the first eval_pairs held-out pairs (a whole number of global micro-batches); KTO's z and
+    e-DPO's reward model are each one value from all of them."""
+    n = min(len(pairs), cfg['eval_pairs']) // (world * micro_size) * world * micro_size
+    if n == 0:
         return {}
-    if lora_config:
-        (folder / 'adapter' / 'adapter_config.json').write_text(json.dumps(lora_config, indent=2))
-    config = copy.deepcopy(policy.config)
-    config.dtype, config.architectures = 'float32', [type(policy).__name__.removeprefix('FSDP')]
-    config.save_pretrained(folder)
-    if policy.can_generate():
-        policy.generation_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / 'nanotr_config.json').write_text(json.dumps(cfg, indent=2))
-    others = [f.relative_to(folder) for f in files_of(folder)]  # the small files; state/ is each rank's to hash
-    return {**{str(f): sha256(folder / f) for f in others if f.parts[0] != 'state' and str(f) not in digests},
-            **digests}
+    mismatched = LOSSES[cfg['loss']].mismatched
+    kto_z = kto_baseline(policy, ref, pairs[:n], micro_size, pad_id, cfg, device)[0] if mismatched else None
+    batches = [make_batch(pairs[start:start + micro_size], LOSSES[cfg['loss']].pairs, pad_id, device)
+               for start in range(rank * micro_size, n, world * micro_size)]
+    member = edistill_member(policy, ref, batches, cfg)
+    sums = {}
+    with torch.no_grad():
+        for batch in batches:
+            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z, member)
+            metrics.update(loss=loss_sum, denominator=loss_denominator(batch, cfg['loss']))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.sum()
+    totals = all_reduce_sums(sums)
+    denominator = totals.pop('denominator')
+    return {f'eval/{k}': v / (denominator if k == 'loss' else n) for k, v in totals.items()}
 
 
-def memory_estimate(policy, ref, world):
-    """Estimated bytes per device of a run's state: the policy's weights (LoRA: the base in the compute dtype and the
-    float32 adapters), the gradients and AdamW's two moments of the trained parameters, and the reference (a second
-    float32 model, a LoRA run's reference adapters, or nothing). FSDP shards each over the world (a world of one holds
-    it whole), the gradients too whatever grad_accum: each micro-step reduce-scatters its own. Activations, FSDP's
-    gathered layers and autocast's bf16 copies come on top."""
-    ref_params = mixed_parameters(policy, ref)[0] if ref is not None else []
-    in_ref = {id(p) for p in ref_params}
-    trained = [p for p in policy.parameters() if p.requires_grad]
-
-    def size(params):
-        return sum(p.numel() * p.element_size() for p in params) / world
-    return {'weights': size(p for p in policy.parameters() if id(p) not in in_ref), 'gradients': size(trained),
-            'optimizer': 2 * size(trained), 'reference': size(ref_params)}
+def stop_if_not_finite(loss, grad_norm, it):
+    """Stops every rank at a step whose loss or gradient norm is NaN or infinite, before the optimizer writes it into
+    the weights (the loss summed over ranks, so that all stop together; the gradient norm is already the model's)."""
+    loss = loss.detach().float().clone()
+    dist.all_reduce(loss)
+    if not (loss.isfinite() and grad_norm.isfinite()):
+        raise SystemExit(f'error: iteration {it}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}; '
+                         'stopped before the optimizer step: the last checkpoint holds finite weights (lr too high?)')
 
 
 # -----------------------------------------------------------------------------
-# checkpoints. out_dir holds the policy as an HF model, what from_pretrained loads (float32; a LoRA run's is merged,
-# its adapters in out_dir/adapter), with the tokenizer and nanotr_config.json; state/, the rest of what resume needs, in
-# torch.distributed.checkpoint's format (a file per rank); and checkpoint.json, written last: the iteration, the
-# settings, the sha256 of every file, and a digest of itself (data/files.py's seal).
-# a resumed run may change the resumable settings (how far it goes, what it logs, where and how it computes); every
-# other setting defines the run (batch_size also which pairs each step reads), and resume refuses to change it
+# checkpoints. Every eval_interval steps out_dir receives the policy as an HF model that from_pretrained loads (float32,
+# read back at resume; a LoRA run's merged, its PEFT adapter in out_dir/adapter), the tokenizer, nanotr_config.json;
+# state/, the rest of what resume needs (reference or adapters, AdamW), each rank writing its own shards with
+# torch.distributed.checkpoint (DCP); and checkpoint.json last: the step, the settings, each file's sha256 (hashed by
+# its writer) and a digest of itself. All goes to .tmp_checkpoint, then moves in by atomic renames: a kill leaves the
+# previous checkpoint, or a whole new one that the next start finishes moving. --resume=True verifies each file once
+# and refuses in one line a damaged or edited checkpoint, settings changed other than RESUMABLE, and other data or
+# another LoRA base under the same path; DCP reshards state/ for another number of processes. A resumed run ends with
+# the straight run's weights. One run per out_dir (a lock); a fresh run refuses an earlier run's files (RUN_FILES);
+# out_dir may not be an input. Nothing draws from torch's generator after the seed: no RNG state is saved.
 RESUMABLE = [name for name, (_, rule) in declared(globals()).items() if rule.resumable]
-# what a run writes in out_dir (fnmatch patterns): a fresh run refuses an out_dir holding any of it, so that no earlier
-# run's checkpoint, metrics or snapshots end up beside its own
 RUN_FILES = ('checkpoint.json', 'state', 'state.pt', 'metrics.jsonl', 'nanotr_config.json', 'config.json',
              'generation_config.json', '*.safetensors', 'adapter', 'tokenizer*', 'special_tokens_map.json',
              'added_tokens.json', 'vocab.*', 'merges.txt', 'chat_template.*', 'iter_*', '.tmp_*', '*.tmp')
 
 
 def run_fingerprints(cfg, master):
-    """What the pairs and a LoRA run's base were read from, checked at resume like the settings (the same path may
-    hold other data by then, and adapters on another base would be silently wrong): hashed once, by rank 0."""
+    """Fingerprints of the pairs and of a LoRA run's base, checked at resume like the settings; taken by rank 0."""
     fingerprints = [{'data_fingerprint': fingerprint(cfg['data'], splits=True),
                      **({'init_from_fingerprint': fingerprint(cfg['init_from'])} if cfg['lora_rank'] else {})}
                     if master else None]
     dist.broadcast_object_list(fingerprints)
     return fingerprints[0]
-
-
-def stop_together(error):
-    """Every rank stops, or none: `error` is this rank's 'error: ...' line or None; all raise the first one, which
-    only rank 0 prints (__main__)."""
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    if error := next((e for e in errors if e), None):
-        raise SystemExit(error)
 
 
 def open_out_dir(cfg, master):
@@ -816,14 +831,10 @@ def open_out_dir(cfg, master):
 
 
 def check_out_dir(cfg):
-    """A fresh run needs an out_dir without anything a run writes (RUN_FILES). A resumed run needs an unedited
-    checkpoint.json saved with the same settings, apart from the resumable ones; so does a save that a kill
-    interrupted (in .tmp_checkpoint, committed before resuming): another run's is refused, touching nothing."""
+    """The rules of out_dir above; a save that a kill interrupted (.tmp_checkpoint, committed before resuming) must be
+    this run's too: another run's is refused, touching nothing."""
     out_dir = Path(cfg['out_dir']).resolve()
-    for key in ('init_from', 'ref_from', 'data'):  # a checkpoint there would overwrite that model, or mix into the data
-        if cfg[key] and Path(cfg[key]).resolve() == out_dir:  # ref_from='' is no path (Path('') is the working dir)
-            raise SystemExit(f"error: out_dir={cfg['out_dir']} is {key}={cfg[key]}; the run would write its "
-                             'checkpoints over its own input: use another out_dir')
+    check_outputs([('out_dir', cfg['out_dir'])], [(k, cfg[k], [cfg[k]]) for k in ('init_from', 'ref_from', 'data')])
     if not cfg['resume']:
         found = sorted(f.name for f in out_dir.iterdir() if any(fnmatch.fnmatch(f.name, p) for p in RUN_FILES)) \
             if out_dir.is_dir() else []
@@ -835,7 +846,7 @@ def check_out_dir(cfg):
     if not manifests:
         raise SystemExit(f"error: resume=True but {out_dir / 'checkpoint.json'} does not exist")
     for path in manifests:
-        saved = read_manifest(path)['config']
+        saved = read_sealed(path)['config']
         changed = [f'{k}={saved[k]!r} saved, {v!r} now' for k, v in cfg.items()
                    if k in saved and k not in RESUMABLE and saved[k] != v]
         if changed:
@@ -843,45 +854,17 @@ def check_out_dir(cfg):
                              f"{'; '.join(changed)}. A resumed run may change only {', '.join(RESUMABLE)}")
 
 
-def read_manifest(path):
-    """checkpoint.json, refused in one line unless it is what save_checkpoint wrote, unedited: an entry removed would
-    leave its file unchecked, another iteration would resume at another data position."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f'error: {path} is missing or unreadable ({type(e).__name__}); the checkpoint in '
-                         f'{path.parent} cannot be verified, so it is not resumed')
-    if not isinstance(manifest, dict) or seal(manifest) != manifest:
-        raise SystemExit(f'error: {path} is not as it was saved (its digest does not match its content: edited, or '
-                         f'written by an older nanoTR); the checkpoint in {path.parent} is not resumed')
-    return manifest
-
-
 def check_checksums(out_dir):
-    """Stops every rank in one line unless each file that out_dir/checkpoint.json lists has the sha256 recorded there,
-    each file hashed once, by one rank."""
-    damaged = first_mismatch(out_dir, read_manifest(out_dir / 'checkpoint.json')['sha256'], dist.get_rank(),
+    """Stops every rank in one line unless each file that checkpoint.json lists has its sha256, each hashed once."""
+    damaged = first_mismatch(out_dir, read_sealed(out_dir / 'checkpoint.json')['sha256'], dist.get_rank(),
                              dist.get_world_size())
     stop_together(damaged and f'error: {out_dir / damaged} is missing or changed since it was saved (its sha256 '
                               f"differs from {out_dir / 'checkpoint.json'}); the checkpoint is damaged, not resumed")
 
 
-def resume_state(policy, ref, optimizer):
-    """What resume reads besides the HF export, sharded (each rank its own shards): AdamW's state and the reference, or
-    a LoRA run's adapters (the merged export cannot give them back; the reference's; a reward model's score head)."""
-    if getattr(policy, 'lora_config', None):
-        kept = {n for n, p in policy.named_parameters() if p.requires_grad or n.endswith(('ref_A', 'ref_B'))}
-        models = {'adapters': {k: v for k, v in get_model_state_dict(policy).items() if k in kept}}
-    else:
-        models = {'ref': get_model_state_dict(ref)} if ref is not None else {}
-    return {**models, 'optimizer': get_optimizer_state_dict(policy, optimizer)}
-
-
 def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg):
-    """Writes out_dir/.tmp_checkpoint (state/: each rank its shards of resume_state; the HF export, streamed to rank 0;
-    each file hashed once, by its writer; checkpoint.json last), then commits it into out_dir. A kill leaves a whole
-    checkpoint: the previous one until checkpoint.json exists, then the next start finishes the move. A failed write
-    on any rank (a full disk) stops every rank in one line."""
+    """Writes out_dir/.tmp_checkpoint and commits it into out_dir (the section's comment); a failed write on any rank (a
+    full disk) stops every rank in one line."""
     rank, out_dir = dist.get_rank(), Path(out_dir)
     tmp, digests, error = out_dir / '.tmp_checkpoint', {}, None
     reshard(policy, ref)
@@ -918,9 +901,60 @@ def save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg):
     dist.barrier()
 
 
+def resume_state(policy, ref, optimizer):
+    """What resume reads besides the HF export, each rank its own shards: AdamW's state and the reference, or a LoRA
+    run's adapters (the policy's, the reference's, a reward model's score head)."""
+    if getattr(policy, 'lora_config', None):
+        kept = {n for n, p in policy.named_parameters() if p.requires_grad or n.endswith(('ref_A', 'ref_B'))}
+        models = {'adapters': {k: v for k, v in get_model_state_dict(policy).items() if k in kept}}
+    else:
+        models = {'ref': get_model_state_dict(ref)} if ref is not None else {}
+    return {**models, 'optimizer': get_optimizer_state_dict(policy, optimizer)}
+
+
+def export_model(folder, policy, tokenizer, cfg):
+    """The policy's HF folder as save_pretrained writes it, with the tokenizer and nanotr_config.json, streamed: no rank
+    holds more than one whole tensor. A LoRA run's is the merged policy, its adapter in folder/adapter as PEFT saves
+    it (beside the model, transformers would apply it twice); PeftModel.from_pretrained gives the merged logits on the
+    base loaded in the dtype it trained in (after dtype=bfloat16, bf16). Returns {file: sha256}, on rank 0."""
+    weights, adapters = export_entries(policy)
+    master, lora_config = dist.get_rank() == 0, getattr(policy, 'lora_config', None)
+    digests = {'model.safetensors': write_safetensors(folder / 'model.safetensors', weights, master)}
+    if lora_config:
+        digests['adapter/adapter_model.safetensors'] = write_safetensors(
+            folder / 'adapter' / 'adapter_model.safetensors', adapters, master)
+    return write_model_files(folder, policy, tokenizer, cfg, lora_config, digests) if master else {}
+
+
+def export_entries(policy):
+    """(HF weights, a LoRA run's PEFT adapter weights) as lists of (name, shape, dtype, get), get() gathering a whole
+    tensor on every rank; tied weights once. All float32: W + (alpha/R)·B·A would lose a delta under half a bf16 ulp."""
+    def whole(t):
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+    lora = getattr(policy, 'lora_config', None)
+    scale = lora['lora_alpha'] / lora['r'] if lora else None
+    state, seen, weights, adapters = policy.state_dict(keep_vars=True), set(), [], []
+    for key, value in state.items():
+        module, _, name = key.rpartition('.')
+        if id(value) in seen or name in ('ref_A', 'ref_B'):
+            continue
+        seen.add(id(value))
+        dtype = torch.float32 if value.is_floating_point() else value.dtype
+        if name in ('lora_A', 'lora_B') or lora and key.startswith('score.'):  # PEFT's base_model.model.{key}[.weight]
+            adapters.append(('base_model.model.' + re.sub(r'\.(lora_[AB])$', r'.\1.weight', key), value.shape, dtype,
+                             lambda v=value: whole(v)))
+        if module.endswith('.base') and name == 'weight':  # a LoRALinear's frozen W
+            a, b = (state[f"{module.removesuffix('.base')}.{ab}"] for ab in ('lora_A', 'lora_B'))
+            weights.append((f"{module.removesuffix('.base')}.weight", value.shape, dtype,
+                            lambda v=value, a=a, b=b: whole(v).float() + scale * whole(b) @ whole(a)))
+        elif name not in ('lora_A', 'lora_B'):  # the rest; a LoRALinear's bias under its Linear's name
+            weights.append((re.sub(r'\.base\.bias$', '.bias', key), value.shape, dtype,
+                            lambda v=value, d=dtype: whole(v).to(d)))
+    return weights, adapters
+
+
 def load_checkpoint(out_dir, ref, optimizer, policy):
-    """Restores resume_state, each rank reading the shards it needs (DCP reshards another world size's); returns the
-    step. The policy is out_dir's HF model; a LoRA run's base is init_from's."""
+    """Restores resume_state, each rank reading the shards it needs; returns the step."""
     state = resume_state(policy, ref, optimizer)
     dcp.load(state, checkpoint_id=Path(out_dir) / 'state')
     if 'adapters' in state:
@@ -928,12 +962,12 @@ def load_checkpoint(out_dir, ref, optimizer, policy):
     elif 'ref' in state:
         set_model_state_dict(ref, state['ref'])
     set_optimizer_state_dict(policy, optimizer, state['optimizer'])
-    return read_manifest(Path(out_dir) / 'checkpoint.json')['iter']
+    return read_sealed(Path(out_dir) / 'checkpoint.json')['iter']
 
 
 def save_snapshot(out_dir, it):
-    """out_dir/iter_{it}: a copy of the HF model files, for sampling (not resuming), whole or not at all. Returns an
-    error line if it failed (a full disk); the checkpoint of iteration `it` is whole either way."""
+    """out_dir/iter_{it}: a copy of the HF model files, for sampling (not resuming), whole or not at all; an error line
+    if it failed (a full disk)."""
     try:
         copy_folder(out_dir, out_dir / f'iter_{it}', lambda names: [
             n for n in names if n in RUN_STATE or n.startswith(('iter_', '.'))])
@@ -941,120 +975,6 @@ def save_snapshot(out_dir, it):
         reason = e.args[0][0][2] if isinstance(e, shutil.Error) else e
         return f"error: could not write the snapshot {out_dir / f'iter_{it}'} ({reason}); the checkpoint of " \
                f'iteration {it} in {out_dir} is whole'
-
-
-# -----------------------------------------------------------------------------
-# training loop
-def peak_memory_gb(device):  # CPU: the peak RSS, which Linux reports in KiB
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def evaluate(policy, ref, pairs, pad_id, cfg, rank, world, micro_size, device):
-    """Mean metrics over the first eval_pairs held-out pairs (a whole number of global micro-batches); KTO's z and
-    e-DPO's reward model are each one value from all of them."""
-    n = min(len(pairs), cfg['eval_pairs']) // (world * micro_size) * world * micro_size
-    if n == 0:
-        return {}
-    mismatched = LOSSES[cfg['loss']].mismatched
-    kto_z = kto_baseline(policy, ref, pairs[:n], micro_size, pad_id, cfg, device)[0] if mismatched else None
-    batches = [make_batch(pairs[start:start + micro_size], LOSSES[cfg['loss']].pairs, pad_id, device)
-               for start in range(rank * micro_size, n, world * micro_size)]
-    member = edistill_member(policy, ref, batches, cfg)
-    sums = {}
-    with torch.no_grad():
-        for batch in batches:
-            loss_sum, metrics = batch_loss(policy, ref, batch, cfg, kto_z, member)
-            metrics.update(loss=loss_sum, denominator=loss_denominator(batch, cfg['loss']))
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.sum()
-    totals = all_reduce_sums(sums)
-    denominator = totals.pop('denominator')
-    return {f'eval/{k}': v / (denominator if k == 'loss' else n) for k, v in totals.items()}
-
-
-def stop_if_not_finite(loss, grad_norm, it):
-    """Stops every rank at a step whose loss or gradient norm is NaN or infinite, before the optimizer writes such
-    values into the weights and a checkpoint saves them. Each rank holds its share of the loss (summed here, so a NaN
-    of any rank reaches all and they stop together); the gradient norm is already that of the whole model."""
-    loss = loss.detach().float().clone()
-    dist.all_reduce(loss)
-    if not (loss.isfinite() and grad_norm.isfinite()):
-        raise SystemExit(f'error: iteration {it}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}; '
-                         'stopped before the optimizer step: the last checkpoint holds finite weights (lr too high?)')
-
-
-def print0(*args):  # on rank 0 only, through tqdm so that a progress bar stays intact
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        tqdm.write(' '.join(map(str, args)))
-
-
-def micro_batch_size(cfg, world):  # pairs per micro-batch of each process
-    micro_size, rest = divmod(cfg['batch_size'], world * cfg['grad_accum'])
-    if rest or micro_size == 0:
-        raise SystemExit(f"error: batch_size={cfg['batch_size']} must be a multiple of "
-                         f"world_size*grad_accum={world * cfg['grad_accum']}")
-    return micro_size
-
-
-def load_data(cfg, master, global_micro):
-    """(tokenizer, train Pairs, held-out Pairs or None), with the responses and labels that the loss reads."""
-    from transformers import AutoConfig
-    for key in ('init_from', 'ref_from'):  # ref_from='' is a copy of init_from; rm trains a new or a given reward model
-        if cfg[key]:
-            check_model_path(cfg[key], key, reward_model=None if LOSSES[cfg['loss']].rm else False)
-    tokenizer = load_tokenizer(cfg['init_from'], 'init_from')
-    check_vocabulary(tokenizer, cfg['ref_from'], 'ref_from')
-    limit = getattr(AutoConfig.from_pretrained(cfg['init_from']), 'max_position_embeddings', None) or math.inf
-    if cfg['max_length'] > limit:
-        raise SystemExit(f"error: max_length={cfg['max_length']} is over the {limit} positions of {cfg['init_from']}")
-    settings = dict(tokenizer=tokenizer, max_length=cfg['max_length'], max_prompt_length=cfg['max_prompt_length'],
-                    need_rejected=LOSSES[cfg['loss']].pairs, verbose=master, need_rewards=LOSSES[cfg['loss']].labels)
-    train_pairs, eval_pairs = (load_pairs(cfg['data'], split, required=split == 'train', **settings)
-                               for split in ('train', 'test'))
-    if master:
-        note_evaluation(eval_pairs, cfg['eval_pairs'], global_micro)
-    return tokenizer, train_pairs, eval_pairs
-
-
-def load_models(cfg, device, world):
-    """(policy, reference or None, compute dtype). Full fine-tuning: two models with fp32 master weights. A bf16
-    reference would round small soft updates away (a change under half an ulp vanishes); fp32 costs 4 bytes per
-    parameter per GPU, divided by the FSDP world. LoRA: one model, its base weights frozen in the compute dtype with
-    the policy's and the reference's float32 adapters (add_lora); the reference is that model with its adapters
-    selected. Under torchrun only rank 0 reads weights, and it frees them once the policy is sharded; the other ranks
-    build the models on the meta device and receive their shards (shard_from_rank0)."""
-    spec, lora = LOSSES[cfg['loss']], cfg['lora_rank'] > 0
-    compute_dtype = cfg['dtype'] if cfg['dtype'] != 'auto' else ('bfloat16' if device.type == 'cuda' else 'float32')
-    bf16 = compute_dtype == 'bfloat16'
-    mesh = dist.device_mesh.init_device_mesh(device.type, (world,))
-    meta = dist.get_rank() != 0
-    # a resumed run's policy is out_dir's HF model (float32, saved once), the rest of its state is in state/; a
-    # LoRA run's is init_from with the adapters from state/ (load_checkpoint): a merged weight cannot be un-merged
-    name = cfg['out_dir'] if cfg['resume'] and not lora else cfg['init_from']
-    policy = load_model(name, spec.rm, getattr(torch, compute_dtype) if lora else torch.float32, meta)
-    moving = spec.reference and cfg['ref_update'] != 'none'
-    if lora:
-        add_lora(policy, cfg['lora_rank'], cfg['lora_alpha'], reference=moving)
-    # without ref_from the reference is a copy of the policy: made before any sharding in a world of one; under
-    # torchrun a model on the meta device that receives a copy of the policy's shards
-    copied = spec.reference and not lora and not cfg['ref_from']
-    ref = (copy.deepcopy(policy) if world == 1 else load_model(name, meta=True)) if copied else None
-    if cfg['grad_checkpoint']:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-    shard = world > 1 or cfg['fsdp'] == 'always'
-    shard_from_rank0(policy, mesh, bf16, device, reshard_root=False, shard=shard)
-    policy.train()
-    if spec.reference and lora:
-        ref = AdapterReference(policy, 'reference' if moving else None)
-    elif spec.reference:
-        ref = ref or load_model(cfg['ref_from'], meta=meta)
-        ref.requires_grad_(False).eval()
-        # root gathered only during its forward
-        shard_from_rank0(ref, mesh, bf16, device, reshard_root=True, shard=shard, copy_of=policy if copied else None)
-    if cfg['ref_from'] and [p.shape for p in policy.parameters()] != [p.shape for p in ref.parameters()]:
-        raise SystemExit('error: ref_from must have the same architecture as init_from (the update mixes them)')
-    return policy, ref, compute_dtype
 
 
 def main(argv):
@@ -1071,8 +991,8 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except SystemExit as e:  # under torchrun every rank stops at a refusal, and rank 0 alone says why; the others end
-        # with status 0, so that torchrun waits for rank 0's line instead of stopping it before the line is out
+    except SystemExit as e:  # every rank stops at a refusal and rank 0 says why; the others end with status 0, so that
+        # torchrun waits for rank 0's line instead of stopping it before the line is out
         if dist.is_initialized():
             dist.destroy_process_group()  # NCCL warns at exit of a group left alive
         raise SystemExit(0 if e.code and os.environ.get('RANK', '0') != '0' else e.code) from None

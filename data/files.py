@@ -1,9 +1,10 @@
 """
-File helpers of train_tr.py that know nothing of models: a safetensors file written one tensor at a time (the
-checkpoint of a model too large to hold twice), JSON sealed with a digest of itself, files checked against their
-sha256 by several processes, a staged folder committed file by file, a folder copied whole or not at all, the lock of
-a run's folder, and a JSONL log that a resumed run cuts back to its step.
+File helpers of train_tr.py's checkpoints: a safetensors file written one tensor at a time (the checkpoint of a model
+too large to hold twice), the small files of an HF model folder, JSON sealed with a digest of itself, files checked
+against their sha256 by several processes, a staged folder committed file by file, a folder copied whole or not at
+all, the lock of a run's folder, and a JSONL log that a resumed run cuts back to its step.
 """
+import copy
 import fcntl
 import hashlib
 import json
@@ -69,6 +70,20 @@ def seal(content):
     return {**content, 'digest': hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()}
 
 
+def read_sealed(path):
+    """A checkpoint's JSON manifest, refused in one line unless it is seal(its content): an entry removed would leave
+    its file unchecked, another iteration would resume at another data position."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'error: {path} is missing or unreadable ({type(e).__name__}); the checkpoint in '
+                         f'{path.parent} cannot be verified, so it is not resumed')
+    if not isinstance(manifest, dict) or seal(manifest) != manifest:
+        raise SystemExit(f'error: {path} is not as it was saved (its digest does not match its content: edited, or '
+                         f'written by an older nanoTR); the checkpoint in {path.parent} is not resumed')
+    return manifest
+
+
 def lock_out_dir(out_dir):
     """An exclusive lock on out_dir/.lock, held while the returned file stays open (the OS drops it when the process
     ends, even by kill -9): two runs in one out_dir would write over each other's files."""
@@ -118,6 +133,24 @@ def commit_folder(staged, target, manifest):
                 f.unlink()
     os.replace(staged / manifest, target / manifest)
     shutil.rmtree(staged)  # its empty folders
+
+
+def write_model_files(folder, model, tokenizer, settings, lora_config, digests):
+    """The small files of an HF model folder beside its weights, as save_pretrained writes them: config.json (saying
+    float32, the architecture without FSDP's prefix), generation_config.json, the tokenizer, nanotr_config.json (the
+    run's settings) and a PEFT adapter/adapter_config.json. Returns digests ({file: sha256} of the weights) with the
+    sha256 of every other file of folder but state/ (each rank hashes its own)."""
+    if lora_config:
+        (folder / 'adapter' / 'adapter_config.json').write_text(json.dumps(lora_config, indent=2))
+    config = copy.deepcopy(model.config)
+    config.dtype, config.architectures = 'float32', [type(model).__name__.removeprefix('FSDP')]
+    config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / 'nanotr_config.json').write_text(json.dumps(settings, indent=2))
+    others = [str(f.relative_to(folder)) for f in files_of(folder) if f.relative_to(folder).parts[0] != 'state']
+    return {**{name: sha256(folder / name) for name in others if name not in digests}, **digests}
 
 
 def copy_folder(source, target, skip):

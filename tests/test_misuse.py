@@ -45,7 +45,7 @@ def test_out_dir_over_an_input_is_refused(tmp_path, key):
     for f in TOY_SFT.iterdir():
         (model / f.name).write_bytes(f.read_bytes())
     cfg = train_tr.get_config([f'--{key}={model}', f'--out_dir={model}'])
-    with pytest.raises(SystemExit, match=f'^error: out_dir={model} is {key}={model}; the run would write'):
+    with pytest.raises(SystemExit, match=f'^error: out_dir would write {model}, which is {key}={model}, an input'):
         train_tr.check_out_dir(cfg)
 
 

@@ -176,7 +176,7 @@ def check_grid_output(out):
     snapshots = list(out.glob('*/*/iter_*'))
     assert len(snapshots) == 2 * len(curves)
     for snap in snapshots:
-        rows = read(snap / 'samples.jsonl')
+        rows = read(snap.parent / f'samples_{snap.name}.jsonl')
         assert len(rows) == 2 * len(read(REPO / 'data/toy/test.jsonl'))
         (point,) = [p for p in read(snap.parent / 'curve.json')[0] if p['iter'] == int(snap.name[5:])]
         for prefix, subset in zip(('', 'val_'), split(rows)):

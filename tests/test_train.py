@@ -250,7 +250,7 @@ def test_default_run(tmp_path):
     import train_tr
     proc, records = run(tmp_path)
     evals = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines() if 'eval/loss' in line]
-    assert records[-1]['iter'] == train_tr.max_iters == 300
+    assert records[-1]['iter'] == train_tr.max_iters == 50
     assert records[-1]['ref_updates'] == train_tr.max_iters // train_tr.tr_tau
     assert evals[-1]['eval/rewards/accuracies'] > 0.6 and evals[-1]['eval/loss'] < math.log(2)
     gold = {}

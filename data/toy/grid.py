@@ -278,8 +278,9 @@ def worker(path):
         (path / 'curve.json').write_text('[]')
         return
     snapshots = sorted(path.glob('iter_*'), key=lambda p: int(p.name[5:]))
-    curve = [dict(iter=int(p.name[5:]), **measure(p, p / 'samples.jsonl', diagnostic, sft_logps, cfg['beta']))
-             for p in snapshots]
+    # samples beside the snapshots: a file inside one would be a file of sample.py's input (refused on a rerun)
+    curve = [dict(iter=int(p.name[5:]), **measure(p, path / f'samples_{p.name}.jsonl', diagnostic, sft_logps,
+                                                  cfg['beta'])) for p in snapshots]
     (path / 'curve.json').write_text(json.dumps(curve))
 
 
