@@ -1,4 +1,4 @@
-"""Prints README's memory table: train_tr.memory_estimate (the estimate each run prints at its start) for Llama models
+"""Prints a memory table: train_tr.memory_estimate (the estimate each run prints at its start) for Llama models
 of 1B, 8B and 70B parameters, full fine-tuning and LoRA, on 1 and 8 GPUs, bf16 compute, with a trust-region reference.
 The models are built on the meta device from their configs (written here: no download, no weights, a few seconds).
 

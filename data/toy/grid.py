@@ -658,13 +658,14 @@ def main():
     sft_samples = data_pairs.read_jsonl(out / 'sft' / 'samples.jsonl')
     test_samples = [r for r in sft_samples if r['prompt'] not in VALIDATION]
     asked = statistics.mean(parse_prompt(r['prompt'])[1] for r in test_samples)
-    # the grid's wall time from the first run's start to the last one's end (reused runs keep their files' times)
+    # each run's time from its start to its end, summed (a reused run keeps its files' times; runs done in several
+    # invocations, or on a busy machine, still add up to what the runs took)
     folders = [out / 'sft', *(p for paths in rms.values() for p in paths), *jobs]
-    minutes = (max((p / 'curve.json').stat().st_mtime for p in folders)
-               - min((p / 'job.json').stat().st_mtime for p in folders)) / 60
+    minutes = sum((p / 'curve.json').stat().st_mtime - (p / 'job.json').stat().st_mtime for p in folders) / 60
     settings = (f'`python data/toy/grid.py{" --quick" if args.quick else ""}`: {len(jobs)} training runs + '
-                f'{sum(map(len, rms.values()))} reward models, {minutes:.1f} min from the first run\'s start to the '
-                f'last one\'s end with {args.jobs} parallel jobs on {os.cpu_count()} CPU cores. Common arguments: '
+                f'{sum(map(len, rms.values()))} reward models, {minutes:.0f} run-minutes (each run from its start to '
+                f'its end, summed; one CPU thread each, {args.jobs} at a time on {os.cpu_count()} cores). Common '
+                'arguments: '
                 f'`{" ".join(TOY)}`; A: `{" ".join(tr_steps)}` on the '
                 f'shipped pairs; B: `{" ".join(distill_steps)}`, β = 0.1 (IPO: 1.0), reward models '
                 f'`{" ".join(rm_args)}`. Seeds {seeds}.')
