@@ -351,8 +351,8 @@ def train(cfg):
                    wandb_init if cfg['wandb_log'] else None) if master else lambda record: None
     print0(f'{n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in trained) / 1e6:.2f}M trained), world size '
            f'{world}, {micro_size} pairs per micro-batch, compute dtype {compute_dtype}, device {device}')
-    print0('estimated memory per device: ' + ', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in memory_estimate(
-        policy, ref, world).items()) + ' (activations not included)')
+    estimate = ', '.join(f'{k} {v / 2**30:.2f} GB' for k, v in memory_estimate(policy, ref, world).items())
+    print0(textwrap.fill(f'estimated memory per device: {estimate} (activations not included)', 120))
     spec = LOSSES[cfg['loss']]
     moving_ref = ref is not None and cfg['ref_update'] != 'none'
     ref_updates = start_iter // cfg['tr_tau'] if moving_ref else 0
@@ -414,7 +414,8 @@ def train(cfg):
                                                              micro_size, device)
             if record:
                 log({'iter': it, **record})
-                print0(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()))
+                print0(textwrap.fill(f'iter {it}: ' + ', '.join(f'{k} {v:.4f}' for k, v in record.items()), 120,
+                                     subsequent_indent='    '))
             save_checkpoint(out_dir, policy, ref, optimizer, tokenizer, it, cfg)
             if cfg['snapshots']:
                 stop_together(save_snapshot(out_dir, it) if master else None)

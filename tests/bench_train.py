@@ -25,6 +25,29 @@ the last timed step, before any checkpoint). Throughput is the mean over the tim
                6N: the frozen base has no weight gradients) over the machine's matmul peak, measured here with a
                2048 × 2048 matmul in the same dtype (nanoTR computes the head only at response positions, so its true
                FLOPs are somewhat lower)
+
+`python tests/bench_train.py` on 2026-12-07, one run on a quiet machine: AMD EPYC (Zen 4), 2 cores, matmul peak
+180 GFLOP/s float32 and 400 bfloat16 (the same machine measured 780-890 bfloat16 on other days: compare rows of one
+run only); torch 2.13.0 (CPU), transformers 5.25.0, TRL 1.16.0, PEFT 0.21.2. The tiny model's steps last ~25 ms, so
+its rows measure per-step overheads and vary by a third from run to run (nanoTR 294-383 pairs/s, float32).
+    model        dtype     trainer  pairs/s  tokens/s  step s  peak GB    MFU
+    tiny         float32   nanotr    293.84     13087   0.027     0.43   7.6%
+    tiny         float32   trl       313.00     17791   0.026     0.54  10.4%
+    tiny         bfloat16  nanotr    268.24     11947   0.030     0.50   3.1%
+    tiny         bfloat16  trl       217.09     12339   0.037     0.70   3.2%
+    smollm2      float32   nanotr      0.53        92   7.580     5.10  54.7%
+    smollm2      float32   trl         0.17        48  22.877     7.83  28.6%
+    smollm2      bfloat16  nanotr      0.82       143   4.853     4.69  38.6%
+    smollm2      bfloat16  trl         0.26        72  15.243     6.88  19.4%
+    smollm2-lora bfloat16  nanotr      0.93       161   4.312     2.39  32.6%
+    smollm2-lora bfloat16  trl         0.38       104  10.520     5.07  21.0%
+nanoTR/TRL: SmolLM2 3.02x the pairs/s in float32 at 0.65x the peak memory, 3.14x at 0.68x in bf16, LoRA 2.44x at
+0.47x; tiny 0.94x and 1.24x. Where it comes from: one row per pair, [prompt, chosen, rejected], with a mask and
+positions that give each response the log-probs it would get after the prompt alone (Wang & Hegde 2024; tested equal
+to the padded path), so the prompt is computed once; the head and log-softmax only at response positions, in
+checkpointed chunks (tests/bench_logps_memory.py); pairs tokenized once; fused AdamW; no FSDP in a world of one.
+What remains of the memory is mostly state both trainers hold (float32 policy, reference, gradients, AdamW moments).
+On CPUs dtype=auto is float32: ask for bf16 where it is faster (SmolLM2 here: 1.5x; the tiny model: slower).
 """
 import argparse
 import json

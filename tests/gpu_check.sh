@@ -57,8 +57,8 @@ mean = lambda key: sum(r[key] for r in timed) / len(timed)
 line = (f"{out.rsplit('/', 1)[1]}: {len(records)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
         f"{mean('tokens_per_sec'):.0f} tokens/s, {mean('step_time'):.3f} s/step")
 if device == 'cuda':
-    estimate = sum(map(float, re.findall(r'([\d.]+) GB', next(
-        text for text in open(f'{out}.log') if text.startswith('estimated memory')))))
+    log = open(f'{out}.log').read()  # the estimate's line, which may wrap
+    estimate = sum(map(float, re.findall(r'([\d.]+)\s+GB', log[log.index('estimated memory'):log.index('(activations')])))
     peak = max(r['peak_mem_gb'] for r in records)
     line += f", MFU {mean('mfu'):.1%}, peak {peak:.2f} GB = {peak / estimate:.2f} x the estimate {estimate:.2f} GB"
     if not 0 < mean('mfu') < 1:

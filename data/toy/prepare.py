@@ -153,7 +153,7 @@ def main():
         save_base(tok, build_model(tok), out / 'base')
         rel = os.path.relpath(out, ROOT)  # relative paths, so that sft/nanotr_config.json names no machine's folders
         subprocess.run([sys.executable, 'train_tr.py', *(a.format(out=rel) for a in SFT_ARGS)], cwd=ROOT, check=True)
-        for leftover in ('state', 'checkpoint.json', 'metrics.jsonl'):  # the run's state: the model stays
+        for leftover in ('state', 'checkpoint.json', 'metrics.jsonl', '.lock'):  # the run's state: the model stays
             shutil.rmtree(sft / leftover) if leftover == 'state' else (sft / leftover).unlink(missing_ok=True)
 
     # 4: pairs sampled from the SFT model, labelled once by the biased Bradley–Terry annotator
