@@ -27,7 +27,7 @@ Trust region (TR-DPO / TR-IPO / TR-KTO; Gorbatovski, Shaposhnikov et al., ICLR 2
 With α=0 or ref_update=none this is plain DPO/IPO/KTO against the fixed initial (SFT) model. The update works the
 same for distill, edistill and pdpo (trust-region distillation, a combination neither paper ran). With LoRA it mixes
 the adapters, the parameters that train: A_ref ← α·A + (1−α)·A_ref, B_ref ← α·B + (1−α)·B_ref (the LoRA section).
-Run `python train_tr.py` (TR-DPO on the toy in data/toy, ~15 s on a CPU) or `torchrun ... train_tr.py config.py
+Run `python train_tr.py` (TR-DPO on the toy in data/toy, ~10 s on a CPU) or `torchrun ... train_tr.py config.py
 --key=value ...`: every setting below can be overridden (--help lists them); README.md has the recipes.
 """
 import copy

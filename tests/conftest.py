@@ -115,7 +115,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 
 def round_off(scale, steps):
-    return ULPS * EPS32 * scale * steps
+    return ULPS * EPS32 * float(scale) * steps
 
 
 def assert_records_close(one, two, keys):

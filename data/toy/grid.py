@@ -70,7 +70,7 @@ def validation_prompts(seed=0):
 
 VALIDATION = validation_prompts()
 
-# A: 350 steps of 16 pairs = 2.8 epochs of the 2,014 shipped pairs
+# A: 350 steps of 16 pairs = 2.8 epochs of the 2,009 shipped pairs
 TR_STEPS, TR_EVAL = 350, 50
 FAMILIES = {'DPO': ('dpo', (0.03, 0.1, 0.3)), 'IPO': ('ipo', (0.3, 1.0, 3.0)), 'KTO': ('kto', (0.03, 0.1, 0.3))}
 KL_BUDGETS = (1.0, 3.0, 10.0)  # nats: the frontier at a budget = the checkpoint picked on validation with KL ≤ it
@@ -151,8 +151,8 @@ def pair_row(prompt, chosen, rejected):
 
 
 def length_biased_sets(out, rhos, n_pairs, seed=0):
-    """out/rho_<ρ>/{train,test}.jsonl: n_pairs training pairs of which a fraction ρ prefers the longer list. The 2,014
-    shipped pairs hold too few that r* labels longer-preferred for ρ = 0.8 (413 of them), so pairs are drawn from all
+    """out/rho_<ρ>/{train,test}.jsonl: n_pairs training pairs of which a fraction ρ prefers the longer list. The 2,009
+    shipped pairs hold too few that r* labels longer-preferred for ρ = 0.8, so pairs are drawn from all
     pairs of distinct SFT samples of a prompt with different list lengths; the test pairs are the shipped ones,
     relabelled. Returns the fraction of the relabelled shipped pairs (of different lengths) that prefer the longer."""
     rng = random.Random(seed)
