@@ -131,10 +131,6 @@ def settings_help(source, defaults):
                 comment.append(line.strip()[1:])
             meaning = ' '.join(c.strip() for c in comment if c)
             written[node.target.id] = ast.get_source_segment(text, node.value), meaning
-    for line in lines:  # scripts whose settings are still `defaults = dict(key=value,  # comment` lines
-        settings, _, comment = line.partition('  #')
-        for key, value in re.findall(r"(\w+)\s*=\s*('[^']*'|[^,\s]+)", settings if comment else ''):
-            written.setdefault(key, (value, comment.strip()))
     shown = {k: (v or "''") if isinstance(v, str) else written[k][0] for k, v in defaults.items()}  # text as typed
     rows = [(f'--{k}={shown[k]}', written[k][1]) for k in defaults]
     width = max(len(flag) for flag, _ in rows)
