@@ -149,8 +149,9 @@ def write_model_files(folder, model, tokenizer, settings, lora_config, digests):
         model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / 'nanotr_config.json').write_text(json.dumps(settings, indent=2))
-    others = [str(f.relative_to(folder)) for f in files_of(folder) if f.relative_to(folder).parts[0] != 'state']
-    return {**{name: sha256(folder / name) for name in others if name not in digests}, **digests}
+    others = [f.relative_to(folder) for f in files_of(folder)]  # relative paths; state/ is each rank's to hash
+    return {**{str(f): sha256(folder / f) for f in others if f.parts[0] != 'state' and str(f) not in digests},
+            **digests}
 
 
 def copy_folder(source, target, skip):
