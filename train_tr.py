@@ -62,7 +62,7 @@ from data.files import (commit_folder, copy_folder, first_mismatch, lock_out_dir
 from data.pairs import (RUN_STATE, check_model_path, check_vocabulary, fingerprint, layout, load_pairs, load_tokenizer,
                         make_batch, note_evaluation, padding_id, sha256, step_pair_indices, truncate)
 from data.settings import (DEVICE, PROMPT_FITS, RESUMABLE, check_outputs, check_settings, declared, defaults_of, need,
-                           one_of, parse_overrides)
+                           exit_process, one_of, parse_overrides)
 
 # -----------------------------------------------------------------------------
 # config: `name: its check = default  # meaning`, overridden by config files and --key=value, checked before any work
@@ -991,9 +991,10 @@ def main(argv):
 
 if __name__ == '__main__':
     try:
-        main(sys.argv[1:])
+        code = main(sys.argv[1:])
     except SystemExit as e:  # every rank stops at a refusal and rank 0 says why; the others end with status 0, so that
         # torchrun waits for rank 0's line instead of stopping it before the line is out
         if dist.is_initialized():
             dist.destroy_process_group()  # NCCL warns at exit of a group left alive
-        raise SystemExit(0 if e.code and os.environ.get('RANK', '0') != '0' else e.code) from None
+        code = 0 if e.code and os.environ.get('RANK', '0') != '0' else e.code
+    exit_process(code)  # not a plain exit: a DTensor op kept the group's threads alive (data/settings.py)

@@ -7,15 +7,18 @@ annotated module-level globals, one line each, the way nanoGPT's config block re
 the name, its check (need below; a plain `str` or `bool` annotation checks nothing), the default and, after `#`, what
 it means (--help prints that comment and any comment lines right below it). Config files and --key=value arguments
 override the defaults, and every value is checked before any work starts. And the rules of every script's outputs:
-none is one of its inputs (check_outputs), and one run at a time writes it (OutputLock).
+none is one of its inputs (check_outputs), and one run at a time writes it (OutputLock). train_tr.py ends through
+exit_process.
 """
 import ast
+import atexit
 import difflib
 import fcntl
 import importlib.util
 import math
 import os
 import re
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -208,3 +211,15 @@ class OutputLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def exit_process(code):
+    """Ends the process as `raise SystemExit(code)` would, less the interpreter's teardown. torch keeps a process group
+    that DTensor used alive past destroy_process_group, with its gloo/NCCL worker threads; one that drops a finished
+    collective's tensors while the interpreter tears down aborts a run that completed ('terminate called without an
+    active exception', SIGABRT; tests/exit_check.py). atexit's handlers run as usual (W&B's finish among them)."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    atexit._run_exitfuncs()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(1 if isinstance(code, str) else code or 0)

@@ -68,16 +68,80 @@ TINY = ['--init_from=data/tiny/sft', '--data=data/tiny', '--lr=5e-4']
 
 def run(out_dir, *args, nproc=1, check=True):
     """Runs train_tr.py and returns (completed process, metrics.jsonl records without the eval lines)."""
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                                                    f'--nproc_per_node={nproc}']
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
-    proc = subprocess.run(launcher + ['train_tr.py', f'--out_dir={out_dir}', *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_script(['train_tr.py', f'--out_dir={out_dir}', *args], nproc=nproc)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = Path(out_dir) / 'metrics.jsonl'
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     return proc, [r for r in records if 'loss' in r]
+
+
+# Scripts run as `python script args` (or `torchrun --standalone --nproc_per_node=N script args`) would run them, each
+# process its own, but forked from a server that imported them (torch, transformers) once: a tiny run is then its own
+# work, not 2-6 s of imports (~180 runs in the suite). The ranks of N processes get torchrun's environment and
+# rendezvous as under torchrun; when one fails the others are stopped, as torchrun does. The tests of torchrun itself
+# (a refusal's one line, rank 0 alone reading files) launch it. The server starts with OMP_NUM_THREADS=1, as every
+# run of the suite has it.
+_FORK = None
+# what the server imports: the scripts, and what their runs import lazily (transformers' Llama, generation and masking,
+# which import torch._dynamo): 3.6 s of a 4.6 s tiny run
+WARM = ['train_tr', 'sample', 'judge', 'data.label', 'transformers.models.llama.modeling_llama',
+        'transformers.models.auto.modeling_auto', 'transformers.models.auto.tokenization_auto',
+        'transformers.generation.utils', 'transformers.masking_utils', 'safetensors.torch']
+
+
+def run_script(argv, env=None, nproc=1, timeout=600):
+    """subprocess.run([python, *argv], cwd=REPO, capture_output=True, text=True) through the fork server; the
+    returncode is the first non-zero of the ranks', stdout and stderr the ranks' in rank order."""
+    global _FORK
+    import multiprocessing
+    import socket
+    import tempfile
+    import time
+    if _FORK is None:
+        _FORK = multiprocessing.get_context('forkserver')
+        _FORK.set_forkserver_preload(WARM)
+        threads, os.environ['OMP_NUM_THREADS'] = os.environ.get('OMP_NUM_THREADS'), '1'
+        starter = _FORK.Process(target=int)  # starts the server, with that environment
+        starter.start(), starter.join()
+        os.environ.pop('OMP_NUM_THREADS') if threads is None else os.environ.update(OMP_NUM_THREADS=threads)
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    if nproc > 1:
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        env.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = [(Path(tmp) / f'out{rank}', Path(tmp) / f'err{rank}') for rank in range(nproc)]
+        ranks = [_FORK.Process(target=_as_main, args=(argv, {**env, **({'RANK': str(rank), 'LOCAL_RANK': str(rank)}
+                                                                       if nproc > 1 else {})}, *outputs[rank]))
+                 for rank in range(nproc)]
+        for rank in ranks:
+            rank.start()
+        deadline = time.time() + timeout
+        while any(r.is_alive() for r in ranks) and time.time() < deadline:
+            if any(r.exitcode for r in ranks):  # torchrun stops the others when one fails
+                time.sleep(1)
+                for r in ranks:
+                    r.kill()
+            time.sleep(0.05)
+        if any(r.is_alive() for r in ranks):
+            for r in ranks:
+                r.kill()
+            raise subprocess.TimeoutExpired(argv, timeout)
+        code = next((r.exitcode for r in ranks if r.exitcode), 0)
+        return subprocess.CompletedProcess(argv, code, *(''.join(path.read_text() for path in paths)
+                                                         for paths in zip(*outputs)))
+
+
+def _as_main(argv, env, out, err):  # in a forked process
+    import runpy
+    os.environ.clear(), os.environ.update(env), os.chdir(REPO)
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv = list(argv)
+    sys.path.insert(0, str(REPO / Path(argv[0]).parent))
+    runpy.run_path(str(REPO / argv[0]), run_name='__main__')
 
 
 def final_state(out_dir):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from conftest import run_script
 
 import judge
 import sample
@@ -125,16 +126,14 @@ def test_a_second_label_run_on_one_out_is_refused_in_one_line(tmp_path, reward_m
     args = [f'--data={data}', f"--reward_models={','.join(reward_models)}", f'--out={out}', '--device=cpu']
     with OutputLock(out / '.lock', str(out), 'out'):  # a run in progress
         before = listing(tmp_path)
-        proc = subprocess.run([sys.executable, 'data/label.py', *args], cwd=REPO, env=ENV, capture_output=True,
-                              text=True, timeout=300)
+        proc = run_script(['data/label.py', *args], ENV)
         assert proc.returncode == 1 and proc.stderr.strip() == (
             f'error: another run is writing {out} (it holds {out}/.lock); wait for it to end, or use another out=')
         assert listing(tmp_path) == before
     assert not out.exists()  # the holder made the folder for its lock, and took both away
     out.mkdir()
     (out / '.lock').write_text('')  # left by a run killed with kill -9: taken over
-    proc = subprocess.run([sys.executable, 'data/label.py', *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_script(['data/label.py', *args], ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ['test.jsonl', 'train.jsonl']
     assert len((out / 'train.jsonl').read_text().splitlines()) == 30
@@ -257,7 +256,7 @@ def test_ctrl_c_stops_judge_at_once_and_a_rerun_continues(tmp_path, server):
     assert [json.loads(line)['answer'] for line in cache.read_text().splitlines()] == ['More helpful: A'] * 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a.jsonl', 'cache.jsonl']  # no out, no lock
     server.reply, hits = (lambda prompt: 'More helpful: B'), server.hits
-    proc = subprocess.run([sys.executable, *command], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    proc = run_script(command, ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert server.hits == hits + 9 and json.loads((tmp_path / 'result.json').read_text())['results'][0]['n'] == 12
 
@@ -274,8 +273,7 @@ def test_ctrl_c_stops_sample_at_once_and_a_rerun_continues(tmp_path):
     kept = [json.loads(line) for line in part.read_text().splitlines()]  # whole lines only
     assert part.read_text().endswith('\n') and len(kept) >= 3 and not Path(f'{out}.lock').exists()
     more = len(kept) + 2  # the rerun samples the missing prompts only (a smaller num_prompts keeps what it leaves)
-    proc = subprocess.run([sys.executable, *command[:5], f'--num_prompts={more}', *command[6:]], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_script([*command[:5], f'--num_prompts={more}', *command[6:]], ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[:len(kept)] == kept and [r['index'] for r in rows] == list(range(more))
@@ -296,7 +294,7 @@ def test_ctrl_c_stops_label_at_once_and_a_rerun_continues(tmp_path, reward_model
                             'to continue')
     kept = path.read_text().splitlines()
     assert all(json.loads(line)['reward_chosen'] for line in kept) and not (out / '.lock').exists()
-    proc = subprocess.run([sys.executable, *command], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = run_script(command, ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     labelled = path.read_text().splitlines()
     assert labelled[:len(kept)] == kept and len(labelled) == 400

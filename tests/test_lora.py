@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, SMALL, TINY, assert_records_close, final_state, run
+from conftest import REPO, SMALL, TINY, assert_records_close, final_state, run, run_script
 
 import train_tr
 
@@ -223,9 +223,9 @@ def test_checkpoint_loads_in_peft_transformers_and_sample(tmp_path):
         assert not torch.allclose(base_logits, with_adapter, atol=1e-3)
 
     samples = tmp_path / 'samples.jsonl'
-    subprocess.run([sys.executable, 'sample.py', f'--init_from={out}', '--ref=data/tiny/sft', '--data=data/tiny',
-                    '--num_prompts=4', '--max_new_tokens=16', '--device=cpu', f'--out={samples}'], cwd=REPO,
-                   check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    proc = run_script(['sample.py', f'--init_from={out}', '--ref=data/tiny/sft', '--data=data/tiny', '--num_prompts=4',
+                       '--max_new_tokens=16', '--device=cpu', f'--out={samples}'])
+    assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(rows) == 4 and all(math.isfinite(r['kl']) for r in rows)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_script
 from transformers import AutoTokenizer
 
 import sample
@@ -286,12 +287,8 @@ def test_outputs_of_readme_commands_are_ignored_by_git():
 def test_two_processes_write_what_one_writes(tmp_path):
     args = [f'--init_from={SFT}', f'--ref={BASE}', '--num_prompts=10', '--num_samples=2', '--batch_size=3',
             '--max_new_tokens=24']
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
     for nproc in (1, 2):
-        launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run',
-                                                        '--standalone', f'--nproc_per_node={nproc}']
-        proc = subprocess.run(launcher + ['sample.py', *args, f'--out={tmp_path}/{nproc}.jsonl'], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = run_script(['sample.py', *args, f'--out={tmp_path}/{nproc}.jsonl'], nproc=nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f'wrote 20 samples of 10 prompts to {tmp_path}/{nproc}.jsonl' in proc.stdout
     one, two = (tmp_path / '1.jsonl').read_text(), (tmp_path / '2.jsonl').read_text()

@@ -177,7 +177,7 @@ def check_grid_output(out):
     assert len(snapshots) == 2 * len(curves)
     for snap in snapshots:
         rows = read(snap.parent / f'samples_{snap.name}.jsonl')
-        assert len(rows) == 2 * len(read(REPO / 'data/toy/test.jsonl'))
+        assert len(rows) == len(read(REPO / 'data/toy/test.jsonl'))  # --quick: 1 sample per prompt
         (point,) = [p for p in read(snap.parent / 'curve.json')[0] if p['iter'] == int(snap.name[5:])]
         for prefix, subset in zip(('', 'val_'), split(rows)):
             assert point[f'{prefix}gold'] == pytest.approx(mean(subset, lambda r: gold_reward(r['prompt'],

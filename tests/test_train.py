@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL, TINY, assert_records_close, assert_same_weights, final_state, run
+from conftest import REPO, SMALL, TINY, assert_records_close, assert_same_weights, final_state, run, run_script
 
 
 def test_dpo_starts_at_ln2_and_learns(tmp_path):
@@ -256,10 +256,10 @@ def test_default_run(tmp_path):
     gold = {}
     for name, model in (('sft', 'data/toy/sft'), ('policy', tmp_path)):
         samples = tmp_path / f'{name}.jsonl'
-        subprocess.run([sys.executable, 'sample.py', f'--init_from={model}', '--ref=data/toy/sft', '--num_samples=2',
-                        '--batch_size=64', f'--out={samples}'], cwd=REPO, check=True, capture_output=True)
-        subprocess.run([sys.executable, 'data/toy/gold.py', f'--files={samples}', f'--out={samples}.gold.json'],
-                       cwd=REPO, check=True, capture_output=True)
+        for script in (['sample.py', f'--init_from={model}', '--ref=data/toy/sft', '--num_samples=2', '--batch_size=64',
+                        f'--out={samples}'], ['data/toy/gold.py', f'--files={samples}', f'--out={samples}.gold.json']):
+            proc = run_script(script)
+            assert proc.returncode == 0, proc.stderr[-2000:]
         gold[name] = json.loads(Path(f'{samples}.gold.json').read_text())['results'][0]
     assert gold['sft']['kl']['mean'] == 0.0 and gold['policy']['kl']['mean'] > 0.5  # 50 steps: about 0.8-1 nat
     assert gold['policy']['gold']['ci95'][0] > gold['sft']['gold']['ci95'][1]

@@ -50,7 +50,7 @@ from prepare import (CATEGORIES, COUNTS, PHRASINGS, PROMPT, bradley_terry, gold_
 SFT, DATA = 'data/toy/sft', 'data/toy'
 SEEDS = (1, 2, 3)
 TOY = ['--init_from=data/toy/sft', '--max_length=64', '--max_prompt_length=32', '--lr=2e-4', '--log_interval=25']
-SAMPLING = dict(split='test', num_samples=2, max_new_tokens=48, batch_size=64, seed=0)  # 2 × 288 test prompts
+SAMPLING = dict(split='test', max_new_tokens=48, batch_size=64, seed=0)  # num_samples=2: 2 × 288 test prompts
 DIAGNOSTIC_PAIRS = 288  # held-out (test) and training pairs whose log-probs each checkpoint logs
 
 
@@ -229,7 +229,7 @@ def sft_train_logps(diagnostic):
     return pair_logps(train_tr.load_model(SFT).eval(), diagnostic['pairs'][1], diagnostic['pad_id'])
 
 
-def measure(model_dir, samples_path, diagnostic, sft_logps, beta):
+def measure(model_dir, samples_path, diagnostic, sft_logps, beta, num_samples):
     """sample_scores of a model's samples on the test prompts (gold, kl, items, off_support) and on the validation
     prompts (val_gold, ...); the per-token log-probs of held-out chosen/rejected responses and of training chosen ones;
     on the training pairs, the log-ratio margin against π_SFT, m = (log π − log π_SFT)(y_w) − (log π − log π_SFT)(y_l)
@@ -239,7 +239,7 @@ def measure(model_dir, samples_path, diagnostic, sft_logps, beta):
 
     import sample
     sample.sample(dict(sample.defaults, init_from=str(model_dir), ref=SFT, data=DATA, out=str(samples_path),
-                       **SAMPLING))
+                       **SAMPLING, num_samples=num_samples))
     rows = data_pairs.read_jsonl(samples_path)
     model = train_tr.load_model(str(model_dir)).eval()
     test, train = (pair_logps(model, pairs, diagnostic['pad_id']) for pairs in diagnostic['pairs'])
@@ -263,11 +263,12 @@ def worker(path):
     spec = json.loads((path / 'job.json').read_text())
     args = spec['args'] or [f'--data={DATA}']
     cfg = train_tr.get_config([*args, f'--out_dir={path}', f"--seed={spec.get('seed', 0)}"])
+    num_samples = spec.get('num_samples', 2)  # --quick: 1
     if cfg['loss'] != 'rm':
         diagnostic = diagnostic_pairs(cfg['data'])
         sft_logps = sft_train_logps(diagnostic)
     if spec['args'] is None:  # the SFT model itself: the start of every curve
-        point = dict(iter=0, **measure(SFT, path / 'samples.jsonl', diagnostic, sft_logps, beta=0.0))
+        point = dict(iter=0, **measure(SFT, path / 'samples.jsonl', diagnostic, sft_logps, 0.0, num_samples))
         (path / 'curve.json').write_text(json.dumps([point]))
         return
     cfg['snapshots'] = cfg['loss'] != 'rm'  # a reward model is not sampled
@@ -280,7 +281,7 @@ def worker(path):
     snapshots = sorted(path.glob('iter_*'), key=lambda p: int(p.name[5:]))
     # samples beside the snapshots: a file inside one would be a file of sample.py's input (refused on a rerun)
     curve = [dict(iter=int(p.name[5:]), **measure(p, path / f'samples_{p.name}.jsonl', diagnostic, sft_logps,
-                                                  cfg['beta'])) for p in snapshots]
+                                                  cfg['beta'], num_samples)) for p in snapshots]
     (path / 'curve.json').write_text(json.dumps(curve))
 
 
@@ -602,7 +603,8 @@ def plots(results_dir, tr_curves, sft, middle, distill_curves, best, rm_margins,
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--quick', action='store_true', help='a DPO frontier of 2 β, a sweep of 2 ρ; 1 seed, 20 steps')
+    parser.add_argument('--quick', action='store_true', help='a DPO frontier of 2 β, a sweep of 2 ρ; 1 seed, 20 steps, '
+                        '1 sample per prompt')
     parser.add_argument('--out', default='out/toy_grid', help='run folders (models, samples, logs)')
     parser.add_argument('--results', default='', help="folder for results.md/json and the plots; '' = data/toy, "
                                                       'or --out with --quick')
@@ -621,12 +623,14 @@ def main():
     distill_steps = ['--max_iters=20', '--eval_interval=10'] if args.quick else \
         [f'--max_iters={DISTILL_STEPS}', f'--eval_interval={DISTILL_EVAL}']
     rm_args = [a.replace('=500', '=20') if args.quick else a for a in RM_ARGS]
+    sampling = {'num_samples': 1} if args.quick else {}  # a sample per prompt: a smoke test's worth, in half the time
 
     # B's data, the SFT point and B's reward models, then the labels that d-DPO and e-DPO regress on
     natural_rho = length_biased_sets(out, rhos, n_pairs=256 if args.quick else 2014)
     rms = {rho: [run_dir(out / f'rho_{rho}', ['rm'], seed) for seed in rm_seeds] for rho in rhos}
-    run_jobs({out / 'sft': job(None), **{path: job([*rm_args, f'--data={out}/rho_{rho}'], seed)
-                                         for rho in rhos for path, seed in zip(rms[rho], rm_seeds)}}, args.jobs)
+    reward_models = {path: job([*rm_args, f'--data={out}/rho_{rho}'], seed)
+                     for rho in rhos for path, seed in zip(rms[rho], rm_seeds)}
+    run_jobs({out / 'sft': job(None) | sampling, **reward_models}, args.jobs)
     for rho in rhos:  # label.py continues or keeps labels made by the same reward models, and refuses any others
         subprocess.run([sys.executable, 'data/label.py', f'--data={out}/rho_{rho}', f'--out={out}/rho_{rho}/labels',
                         '--reward_models=' + ','.join(map(str, rms[rho])), '--max_length=64',
@@ -635,14 +639,14 @@ def main():
     jobs, tr_runs, distill_runs = {}, {}, {}
     for key, method_args in trust_region_grid(args.quick).items():
         tr_runs[key] = [run_dir(out / 'trust_region', method_args, seed) for seed in seeds]
-        jobs.update({path: job([*TOY, *tr_steps, f'--data={DATA}', *method_args], seed)
+        jobs.update({path: job([*TOY, *tr_steps, f'--data={DATA}', *method_args], seed) | sampling
                      for path, seed in zip(tr_runs[key], seeds)})
     for rho in rhos:
         for name, method_args in distillation_grid(args.quick).items():
             data = out / f'rho_{rho}' / 'labels' if '--data=LABELS' in method_args else out / f'rho_{rho}'
             method_args = [a for a in method_args if a != '--data=LABELS']
             distill_runs[rho, name] = [run_dir(out / f'rho_{rho}', method_args, seed) for seed in seeds]
-            jobs.update({path: job([*TOY, *distill_steps, f'--data={data}', *method_args], seed)
+            jobs.update({path: job([*TOY, *distill_steps, f'--data={data}', *method_args], seed) | sampling
                          for path, seed in zip(distill_runs[rho, name], seeds)})
     run_jobs(jobs, args.jobs)
 
