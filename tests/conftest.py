@@ -78,10 +78,10 @@ def run(out_dir, *args, nproc=1, check=True):
 
 # Scripts run as `python script args` (or `torchrun --standalone --nproc_per_node=N script args`) would run them, each
 # process its own, but forked from a server that imported them (torch, transformers) once: a tiny run is then its own
-# work, not 2-6 s of imports (the suite: 18 minutes with an interpreter per run, 8.5 with this). The ranks of N processes get torchrun's environment and
-# rendezvous as under torchrun; when one fails the others are stopped, as torchrun does. The tests of torchrun itself
-# (a refusal's one line, rank 0 alone reading files) launch it. The server starts with OMP_NUM_THREADS=1, as every
-# run of the suite has it.
+# work, not 2-6 s of imports (the suite: 18 minutes with an interpreter per run, 8.5 with this). The ranks of N
+# processes get torchrun's environment and rendezvous as under torchrun; when one fails the others are stopped, as
+# torchrun does. The tests of torchrun itself (a refusal's one line, rank 0 alone reading files) launch it. The server
+# starts with OMP_NUM_THREADS=1, as every run of the suite has it.
 _FORK = None
 # what the server imports: the scripts, and what their runs import lazily (transformers' Llama, generation and masking,
 # which import torch._dynamo): 3.6 s of a 4.6 s tiny run

@@ -120,8 +120,8 @@ def test_fingerprints_and_checksums_are_computed_once(tmp_path):
     damaged = out / sorted(listed, key=lambda name: -(out / name).stat().st_size)[1]  # rank 1's first, as it splits
     data = damaged.read_bytes()
     damaged.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    proc = torchrun('train_tr.py', f'--out_dir={out}', '--init_from=data/tiny/sft', '--data=data/tiny', '--batch_size=4',
-                    '--max_iters=4', '--eval_pairs=0', '--resume=True')
+    proc = torchrun('train_tr.py', f'--out_dir={out}', '--init_from=data/tiny/sft', '--data=data/tiny',
+                    '--batch_size=4', '--max_iters=4', '--eval_pairs=0', '--resume=True')
     errors = [line for line in proc.stderr.splitlines() if 'error:' in line]
     assert errors == [f'error: {damaged} is missing or changed since it was saved (its sha256 differs from '
                       f"{out / 'checkpoint.json'}); the checkpoint is damaged, not resumed"], proc.stderr[-3000:]
