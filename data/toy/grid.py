@@ -22,7 +22,7 @@ sample.py (ref = the SFT model, so the mean of log π(y|x) − log π_SFT(y|x) e
 Mean ± std over 3 seeds (data order); all checkpoints share one sampling seed.
 
   python data/toy/grid.py                                   # the full grid: data/toy/results.md and four plots
-  python data/toy/grid.py --quick --out=out/toy_quick       # a smoke version, about a minute (tests/test_toy.py)
+  python data/toy/grid.py --quick --out=out/toy_quick       # a smoke version, about 2 minutes (tests/test_toy.py)
 
 Finished runs are not redone (delete --out to start over; a run folder made with other settings is an error).
 The plots need matplotlib (pip install matplotlib), which nothing else in the repository uses; without it the tables
