@@ -90,6 +90,13 @@ WARM = ['train_tr', 'sample', 'judge', 'data.label', 'transformers.models.llama.
         'transformers.generation.utils', 'transformers.masking_utils', 'safetensors.torch']
 
 
+def torchrun(*args, timeout=300):
+    """`torchrun --standalone --nproc_per_node=2 *args` itself, for the tests of what torchrun does."""
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1'))
+
+
 def run_script(argv, env=None, nproc=1, timeout=600):
     """subprocess.run([python, *argv], cwd=REPO, capture_output=True, text=True) through the fork server; the
     returncode is the first non-zero of the ranks', stdout and stderr the ranks' in rank order."""

@@ -10,16 +10,10 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, SMALL, TINY, assert_same_weights, final_state, run
+from conftest import REPO, SMALL, TINY, assert_same_weights, final_state, run, torchrun
 from test_real_model import smollm2  # noqa: F401 (the fixture: SmolLM2's folder, built on first use)
 
 import train_tr
-
-
-def torchrun(*args, timeout=300):
-    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1'))
 
 
 def test_process_group_settings(monkeypatch):

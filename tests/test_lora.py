@@ -12,12 +12,10 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, SMALL, TINY, assert_records_close, final_state, run, run_script
+from conftest import REPO, SMALL, TINY, assert_records_close, final_state, run, run_script, torchrun
 
 import train_tr
 
@@ -344,9 +342,7 @@ def test_each_kind_of_loss_two_processes_match_one(tmp_path, loss):
 def test_torchrun_loads_weights_on_rank_0_only():
     """2-process gloo (tests/fsdp_load_check.py): rank 1 reads no weights, and every rank's shards and buffers are
     those of a plain load, for full fine-tuning (with a copy or ref_from as reference) and LoRA."""
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           'tests/fsdp_load_check.py'], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    proc = torchrun('tests/fsdp_load_check.py')
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result['world'] == 2

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import train_tr
-from conftest import REPO, SMALL, TINY, run
+from conftest import REPO, SMALL, TINY, run, torchrun
 from data import pairs as data_pairs
 from data.files import open_log
 
@@ -110,9 +110,7 @@ def test_refused_inputs_leave_nothing_behind(tmp_path):
 def test_a_refusal_under_torchrun_is_one_line(tmp_path):
     """Every rank stops at a refused setting; rank 0 alone says why (each rank printed it). torchrun itself, not the
     suite's fork server: what a user sees."""
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           'train_tr.py', f"--out_dir={tmp_path / 'out'}", '--beta=-1'], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1'))
+    proc = torchrun('train_tr.py', f"--out_dir={tmp_path / 'out'}", '--beta=-1')
     assert proc.returncode != 0
     assert proc.stderr.count('error: beta=-1.0: need beta > 0') == 1, proc.stderr[-2000:]
     assert not (tmp_path / 'out').exists()
@@ -152,9 +150,7 @@ def test_a_non_finite_step_reports_the_global_norm_on_two_processes(tmp_path):
     """The norm was all-reduced again (reported as world × norm); a NaN on one rank stops both."""
     script = tmp_path / 'stop.py'
     script.write_text(SCRIPT.format(repo=str(REPO)))
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           str(script)], capture_output=True, text=True, timeout=300, env=dict(os.environ,
-                                                                                              OMP_NUM_THREADS='1'))
+    proc = torchrun(str(script))
     assert proc.returncode == 0, proc.stderr[-2000:]
     for rank in (0, 1):
         assert f'rank {rank}: error: iteration 7: loss nan, gradient norm 3;' in proc.stdout

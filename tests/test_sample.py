@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import run_script
+from conftest import run_script, torchrun
 from transformers import AutoTokenizer
 
 import sample
@@ -315,11 +315,8 @@ sample.sample(dict(sample.defaults, init_from={SFT!r}, ref={BASE!r}, data={str(R
 with open(f"{{sys.argv[1]}}.{{os.environ['RANK']}}", 'w') as f:
     json.dump(calls, f)
 """)
-    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
     for run in ('first', 'again'):  # again: the rows of the first run are read, and found complete
-        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                               str(driver), str(tmp_path / run)], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = torchrun(str(driver), str(tmp_path / run))
         assert proc.returncode == 0, proc.stderr[-3000:]
         calls = [json.loads((tmp_path / f'{run}.{rank}').read_text()) for rank in (0, 1)]
         assert calls[0].count('fingerprint') == 3 and 'fingerprint' not in calls[1]

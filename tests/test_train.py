@@ -4,13 +4,11 @@ and exact resume."""
 import fcntl
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL, TINY, assert_records_close, assert_same_weights, final_state, run, run_script
+from conftest import (REPO, SMALL, TINY, assert_records_close, assert_same_weights, final_state, run, run_script,
+                      torchrun)
 
 
 def test_dpo_starts_at_ln2_and_learns(tmp_path):
@@ -115,9 +113,7 @@ def test_kto_baseline_is_one_value_per_step(tmp_path):
 
 def test_soft_update_on_fsdp_shards_equals_formula():
     """2-process gloo: the communication-free update of local shards equals the formula on gathered parameters."""
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           'tests/fsdp_update_check.py'], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    proc = torchrun('tests/fsdp_update_check.py')
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result['world'] == 2 and result['sharded']

@@ -50,7 +50,7 @@ from prepare import (CATEGORIES, COUNTS, PHRASINGS, PROMPT, bradley_terry, gold_
 SFT, DATA = 'data/toy/sft', 'data/toy'
 SEEDS = (1, 2, 3)
 TOY = ['--init_from=data/toy/sft', '--max_length=64', '--max_prompt_length=32', '--lr=2e-4', '--log_interval=25']
-SAMPLING = dict(split='test', max_new_tokens=48, batch_size=64, seed=0)  # num_samples=2: 2 × 288 test prompts
+SAMPLING = dict(split='test', num_samples=2, max_new_tokens=48, batch_size=64, seed=0)  # 2 × 288 test prompts
 DIAGNOSTIC_PAIRS = 288  # held-out (test) and training pairs whose log-probs each checkpoint logs
 
 
@@ -239,7 +239,7 @@ def measure(model_dir, samples_path, diagnostic, sft_logps, beta, num_samples):
 
     import sample
     sample.sample(dict(sample.defaults, init_from=str(model_dir), ref=SFT, data=DATA, out=str(samples_path),
-                       **SAMPLING, num_samples=num_samples))
+                       **{**SAMPLING, 'num_samples': num_samples}))
     rows = data_pairs.read_jsonl(samples_path)
     model = train_tr.load_model(str(model_dir)).eval()
     test, train = (pair_logps(model, pairs, diagnostic['pad_id']) for pairs in diagnostic['pairs'])
@@ -263,7 +263,7 @@ def worker(path):
     spec = json.loads((path / 'job.json').read_text())
     args = spec['args'] or [f'--data={DATA}']
     cfg = train_tr.get_config([*args, f'--out_dir={path}', f"--seed={spec.get('seed', 0)}"])
-    num_samples = spec.get('num_samples', 2)  # --quick: 1
+    num_samples = spec.get('num_samples', SAMPLING['num_samples'])  # --quick: 1
     if cfg['loss'] != 'rm':
         diagnostic = diagnostic_pairs(cfg['data'])
         sft_logps = sft_train_logps(diagnostic)
